@@ -1,0 +1,196 @@
+"""Command line: ``python -m ilvr {sample,info,train}``."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .filters import KERNELS
+
+
+def derive_seed(seed: int, key: str, k: int) -> int:
+    """A per-output seed from (global seed, reference key, sample index): the same image whatever the
+    batch size, process count or order in which outputs are made."""
+    digest = hashlib.sha256(f"{seed}|{key}|{k}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m ilvr", description="ILVR: reference-guided sampling with unconditional DDPMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("sample", help="generate images guided by reference images (ILVR)")
+    s.add_argument("--model", default="emoji64", help="bundled name, local file/folder or Hub repo id[:file] (default: emoji64)")
+    src = s.add_mutually_exclusive_group()
+    src.add_argument("--ref", action="append", default=[], help="reference image (repeatable)")
+    src.add_argument("--ref-dir", help="translate every image in this folder (recursively)")
+    s.add_argument("--N", dest="n_factor", type=_positive_int, default=None,
+                   help="low-pass factor: larger N keeps less of the reference (default: the paper's translation "
+                        "preset scaled to the model, 8 for a 64 px model)")
+    s.add_argument("--steps", default="250", help="respaced steps: 250, 100, 'ddim50', ... (default 250)")
+    s.add_argument("--stop-at", type=_non_negative_int, default=0,
+                   help="condition only while t > this step on the 1000-step scale (0 = all steps; paper Fig. 5)")
+    s.add_argument("--filter", default="cubic", choices=list(KERNELS), help="resize-right kernel for phi_N")
+    s.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"],
+                   help="ddpm (default). ddim is faster per step but ILVR with DDIM tends to blur/noise")
+    s.add_argument("--num", type=_positive_int, default=4, help="samples per reference")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch-size", type=_positive_int, default=8, help="samples per forward pass")
+    s.add_argument("--out", default="outputs", help="output folder")
+    s.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
+    s.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="compute dtype (default fp16 on CUDA, fp32 on CPU)")
+    s.add_argument("--mask", help="PNG whose white pixels mark where ILVR applies (scribble editing)")
+    s.add_argument("--keep-outside", action="store_true", help="with --mask: keep the reference outside the mask")
+    s.add_argument("--unconditional", action="store_true", help="ignore references: plain DDPM samples")
+
+    i = sub.add_parser("info", help="print the inferred architecture and diffusion settings of a model")
+    i.add_argument("model")
+    i.add_argument("--json", action="store_true")
+
+    t = sub.add_parser("train", help="train an unconditional DDPM on a folder of images")
+    t.add_argument("--data", required=True, help="folder of images (any size; center-cropped and resized)")
+    t.add_argument("--out", required=True, help="output folder (resumes if it holds a training state)")
+    t.add_argument("--image-size", type=_positive_int, default=64)
+    t.add_argument("--channels", type=_positive_int, default=32, help="base channel count")
+    t.add_argument("--channel-mult", default="1,2,2,4")
+    t.add_argument("--res-blocks", type=_positive_int, default=1)
+    t.add_argument("--attention-levels", default="3", help="comma-separated level indices with attention")
+    t.add_argument("--batch-size", type=_positive_int, default=16)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--steps", type=_positive_int, default=100_000, help="stop after this many optimizer steps")
+    t.add_argument("--minutes", type=float, default=None, help="stop after this much training time")
+    t.add_argument("--save-every-minutes", type=float, default=5.0)
+    t.add_argument("--sample-every", type=_non_negative_int, default=500, help="write a sample grid every N steps (0 = never)")
+    t.add_argument("--device", default="auto")
+    t.add_argument("--cpu-bf16", action="store_true", help="bf16 autocast on CPU (only fast with AVX512-BF16/AMX)")
+    t.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def cmd_info(args) -> int:
+    from .loading import load_model
+    from .network import count_parameters
+
+    model = load_model(args.model, device="cpu")
+    d = model.describe()
+    d["parameters"] = count_parameters(model.unet)
+    d["format"] = model.info.get("family")
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    print(f"model       {d['name']}  ({d['format']} format, {d['parameters'] / 1e6:.2f} M parameters)")
+    print(f"image size  {d['image_size']}")
+    for section in ("unet", "diffusion"):
+        print(f"{section}:")
+        for k, v in d[section].items():
+            print(f"  {k:22s} {v}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    import torch
+
+    from .images import ImageError, load_reference, save_png, tensor_to_pil
+    from .loading import load_model
+    from .registry import scaled_factor
+    from .sampler import sample, settings_dict, validate_steps
+
+    if args.mask and not args.ref:
+        raise SystemExit("error: --mask needs --ref")
+    if not args.ref and not args.ref_dir and not args.unconditional:
+        raise SystemExit("error: give --ref IMAGE (repeatable), --ref-dir FOLDER or --unconditional")
+    if args.ref_dir:
+        from .batch import run_folder
+
+        return run_folder(args)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    validate_steps(model, args.steps)
+    n = args.n_factor or scaled_factor("translation", model.image_size)
+    mask = None
+    if args.mask:
+        mask = (load_reference(args.mask, model.image_size).mean(0) > 0).float()
+    jobs = [(Path(r), load_reference(r, model.image_size)) for r in args.ref] if args.ref else [(Path("unconditional"), None)]
+    out = Path(args.out)
+    total = len(jobs) * args.num
+    steps_per_sample = len(model.schedule.respace(args.steps).timestep_map)
+    bar = tqdm(total=total * steps_per_sample, desc="sampling", unit="img-step")
+    for path, ref in jobs:
+        key = path.name
+        seeds = [derive_seed(args.seed, key, k) for k in range(args.num)]
+        for start in range(0, args.num, args.batch_size):
+            chunk = seeds[start:start + args.batch_size]
+            x = sample(model, ref, seeds=chunk, n_factor=n, kernel=args.filter, steps=args.steps, stop_at=args.stop_at,
+                       sampler=args.sampler, mask=mask, keep_outside=args.keep_outside,
+                       progress=lambda info, n=len(chunk): bar.update(n))
+            for j, img in enumerate(x):
+                k = start + j
+                settings = settings_dict(model, n_factor=None if ref is None else n, kernel=args.filter,
+                                         steps=args.steps, stop_at=args.stop_at, sampler=args.sampler,
+                                         seed=chunk[j], reference=str(path) if ref is not None else None, index=k)
+                save_png(tensor_to_pil(img), out / f"{path.stem}_{k}.png", settings)
+    bar.close()
+    print(f"wrote {total} images to {out}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .train import TrainConfig, train
+
+    def ints(text: str, what: str) -> tuple[int, ...]:
+        try:
+            return tuple(int(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise SystemExit(f"error: {what} must be comma-separated whole numbers, got {text!r}") from None
+
+    cfg = TrainConfig(data=args.data, out=args.out, image_size=args.image_size, model_channels=args.channels,
+                      channel_mult=ints(args.channel_mult, "--channel-mult"), num_res_blocks=args.res_blocks,
+                      attention_levels=ints(args.attention_levels, "--attention-levels"), batch_size=args.batch_size,
+                      lr=args.lr, max_steps=args.steps, max_minutes=args.minutes,
+                      save_every_minutes=args.save_every_minutes, sample_every=args.sample_every, device=args.device,
+                      cpu_bf16=args.cpu_bf16, seed=args.seed)
+    path = train(cfg)
+    print(f"wrote {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .images import ImageError
+    from .loading import ModelLoadError
+
+    try:
+        return {"sample": cmd_sample, "info": cmd_info, "train": cmd_train}[args.command](args)
+    except (ModelLoadError, ImageError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

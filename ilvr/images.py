@@ -1,0 +1,123 @@
+"""Images in and out: any PIL-readable reference becomes a model-sized tensor; samples become PNGs
+that carry their sampling settings."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+
+MAX_PIXELS = 64_000_000  # bigger than any real photo; guards against decompression bombs
+SETTINGS_KEY = "ilvr"
+
+
+class ImageError(ValueError):
+    """A reference image that cannot be used, with a message meant for the user."""
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB whatever the mode: alpha is composited on white, 16-bit and CMYK are converted."""
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if arr.max() > 255 else 255.0
+        return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+        return Image.fromarray((arr * 255 + 0.5).astype(np.uint8)).convert("RGB")
+    return img.convert("RGB")
+
+
+def square_resize(img: Image.Image, size: int) -> Image.Image:
+    """Center-crop to a square, then an antialiased resize to size x size."""
+    w, h = img.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    img = img.crop((left, top, left + side, top + side))
+    return img if side == size else img.resize((size, size), Image.Resampling.LANCZOS if side > size else Image.Resampling.BICUBIC)
+
+
+def open_image(source: str | os.PathLike | Image.Image) -> Image.Image:
+    """Open a file (or take a PIL image), apply its EXIF orientation and return it as RGB."""
+    if isinstance(source, Image.Image):
+        img = source
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise ImageError(f"reference image not found: {path}")
+        if path.is_dir():
+            raise ImageError(f"expected an image file, got a folder: {path}")
+        try:
+            img = Image.open(path)
+            if img.size[0] * img.size[1] > MAX_PIXELS:
+                raise ImageError(f"{path.name} is {img.size[0]}x{img.size[1]}: larger than {MAX_PIXELS // 1_000_000} megapixels")
+            img.load()
+        except (UnidentifiedImageError, Image.DecompressionBombError) as e:
+            raise ImageError(f"{path.name} is not an image Pillow can read ({e.__class__.__name__})") from e
+        except OSError as e:
+            raise ImageError(f"{path.name} could not be read as an image: {e}") from e
+    if img.size[0] < 1 or img.size[1] < 1:
+        raise ImageError("the image is empty (0 pixels)")
+    if img.size[0] * img.size[1] > MAX_PIXELS:
+        raise ImageError(f"image is {img.size[0]}x{img.size[1]}: larger than {MAX_PIXELS // 1_000_000} megapixels")
+    return to_rgb(ImageOps.exif_transpose(img))
+
+
+def load_reference(source: str | os.PathLike | Image.Image | np.ndarray, size: int) -> torch.Tensor:
+    """A reference as a (3, size, size) float tensor in [-1, 1]."""
+    if isinstance(source, np.ndarray):
+        arr = source
+        if arr.dtype != np.uint8:
+            arr = np.clip(arr, 0, 255).astype(np.uint8)
+        source = Image.fromarray(arr)
+    img = square_resize(open_image(source), size)
+    return pil_to_tensor(img)
+
+
+def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    arr = np.asarray(img.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def tensor_to_pil(x: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [-1, 1] to an 8-bit PIL image (rounded, clipped)."""
+    arr = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return Image.fromarray(arr.permute(1, 2, 0).numpy())
+
+
+def to_pils(batch: torch.Tensor) -> list[Image.Image]:
+    return [tensor_to_pil(x) for x in batch]
+
+
+def png_info(settings: dict[str, Any]) -> PngImagePlugin.PngInfo:
+    info = PngImagePlugin.PngInfo()
+    info.add_text(SETTINGS_KEY, json.dumps(settings, sort_keys=True))
+    return info
+
+
+def save_png(img: Image.Image, path: str | os.PathLike, settings: dict[str, Any]) -> Path:
+    """Write atomically (temp file, then rename) so a half-written PNG never looks finished."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    img.save(tmp, format="PNG", pnginfo=png_info(settings))
+    os.replace(tmp, path)
+    return path
+
+
+def read_settings(path: str | os.PathLike) -> dict[str, Any]:
+    """The sampling settings embedded in one of our PNGs."""
+    with Image.open(path) as img:
+        text = img.info.get(SETTINGS_KEY) or getattr(img, "text", {}).get(SETTINGS_KEY)
+    if text is None:
+        raise ValueError(f"{path} carries no ILVR settings")
+    return json.loads(text)

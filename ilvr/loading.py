@@ -1,0 +1,482 @@
+"""Load the checkpoints people actually have, without asking them for architecture flags.
+
+Accepted sources (``load_model(source)``):
+  * a bundled model name (``ilvr.registry``), e.g. ``emoji64``;
+  * a local file: guided-diffusion/ADM ``.pt``/``.pth``, or a ``.safetensors`` of ours or of diffusers;
+  * a local folder: ours (config.json + model.safetensors) or diffusers (config.json +
+    diffusion_pytorch_model.safetensors/.bin + scheduler_config.json, flat or in unet/ and scheduler/);
+  * a Hugging Face Hub repo id, optionally with a file: ``google/ddpm-ema-church-256`` or
+    ``deepinv/diffunet`` with filename ``diffusion_ffhq_10m.pt`` (or ``deepinv/diffunet:diffusion_ffhq_10m.pt``).
+
+A raw ADM ``.pt`` carries no flags, so the architecture is read off the tensor shapes and keys (the
+official repo's most reported failure is "size mismatch" from hand-typed flags). Pickles are only
+ever opened with ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from .model import DiffusionModel
+from .network import UNet, UNetConfig
+from .schedule import DiffusionConfig
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CHECKPOINTS_DIR = PROJECT_ROOT / "checkpoints"
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+ADM_IMAGE_SIZE_BY_MULT = {(1, 1, 2, 2, 4, 4): 256, (1, 1, 2, 3, 4): 128, (1, 2, 3, 4): 64, (0.5, 1, 1, 2, 2, 4, 4): 512}
+
+
+class ModelLoadError(RuntimeError):
+    """A model that could not be loaded, with a message meant for the user."""
+
+
+def hub_cache_dir() -> Path:
+    """Where hub downloads go: $ILVR_CACHE, else checkpoints/hub inside the project."""
+    return Path(os.environ.get("ILVR_CACHE", CHECKPOINTS_DIR / "hub"))
+
+
+# ----------------------------------------------------------------------------- reading weights
+
+def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and (for safetensors) metadata of one weights file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        except (SafetensorError, OSError) as e:
+            raise ModelLoadError(f"{path.name} is not a readable safetensors file: {e}") from e
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors come in many types; none should crash the caller
+        raise ModelLoadError(
+            f"{path.name} could not be loaded as a weights-only PyTorch checkpoint ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200]}). Only plain state dicts are accepted; arbitrary pickles are refused "
+            "for safety.") from e
+    return _unwrap_state_dict(obj, path.name), {}
+
+
+def _unwrap_state_dict(obj: Any, name: str) -> dict[str, torch.Tensor]:
+    if isinstance(obj, Mapping) and {"state", "param_groups"} <= set(obj):
+        raise ModelLoadError(f"{name} is an optimizer state (opt*.pt), not model weights; load the ema_*.pt or model*.pt file")
+    for key in ("ema", "ema_model", "state_dict", "model"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelLoadError(f"{name} does not hold a state dict of tensors")
+    sd = dict(obj)
+    if sd and all(k.startswith("module.") for k in sd):  # saved from DistributedDataParallel
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+# ----------------------------------------------------------------------------- ADM (guided-diffusion)
+
+def _block_indices(sd: Mapping[str, torch.Tensor], prefix: str) -> list[int]:
+    pat = re.compile(rf"^{prefix}\.(\d+)\.")
+    return sorted({int(m.group(1)) for k in sd if (m := pat.match(k))})
+
+
+def _submodules(sd: Mapping[str, torch.Tensor], block: str) -> dict[int, set[str]]:
+    """For 'output_blocks.3' -> {0: {'in_layers', ...}, 1: {'norm', 'qkv', ...}, ...}."""
+    pat = re.compile(rf"^{re.escape(block)}\.(\d+)\.([^.]+)")
+    subs: dict[int, set[str]] = {}
+    for k in sd:
+        if m := pat.match(k):
+            subs.setdefault(int(m.group(1)), set()).add(m.group(2))
+    return subs
+
+
+def infer_adm_config(sd: Mapping[str, torch.Tensor], num_head_channels: int = 64,
+                     image_size: int | None = None) -> UNetConfig:
+    """Read a guided-diffusion UNetModel's flags off its state dict."""
+    try:
+        mc = sd["time_embed.0.weight"].shape[1]
+        in_channels = sd["input_blocks.0.0.weight"].shape[1]
+        out_channels = sd["out.2.weight"].shape[0]
+        n_out = len(_block_indices(sd, "output_blocks"))
+        up_at = [k for k in range(n_out) if any(
+            ("conv" in s or "in_layers" in s) for idx, s in _submodules(sd, f"output_blocks.{k}").items() if idx > 0)]
+        num_res_blocks = (up_at[0] if up_at else n_out - 1)
+        levels = n_out // (num_res_blocks + 1)
+        mults, attention = [], []
+        for level in range(levels):
+            first = 1 + level * (num_res_blocks + 1)
+            mults.append(sd[f"input_blocks.{first}.0.out_layers.3.weight"].shape[0] / mc)
+            if f"input_blocks.{first}.1.qkv.weight" in sd:
+                attention.append(level)
+        resblock_updown = levels > 1 and f"input_blocks.{1 + num_res_blocks}.0.in_layers.0.weight" in sd
+        out_ch0 = sd["input_blocks.1.0.out_layers.3.weight"].shape[0]
+        scale_shift = sd["input_blocks.1.0.emb_layers.1.weight"].shape[0] == 2 * out_ch0
+    except KeyError as e:
+        raise ModelLoadError(f"this looks like a guided-diffusion checkpoint but key {e} is missing") from e
+    channel_mult = tuple(int(m) if float(m).is_integer() else m for m in mults)
+    if image_size is None:
+        image_size = ADM_IMAGE_SIZE_BY_MULT.get(channel_mult, 2 ** (levels + 2))
+    num_classes = sd["label_emb.weight"].shape[0] if "label_emb.weight" in sd else None
+    return UNetConfig(image_size=image_size, in_channels=in_channels, out_channels=out_channels, model_channels=mc,
+                      channel_mult=channel_mult, num_res_blocks=num_res_blocks, attention_levels=tuple(attention),
+                      num_head_channels=num_head_channels, use_scale_shift_norm=scale_shift,
+                      resblock_updown=resblock_updown, num_classes=num_classes)
+
+
+def new_to_legacy_qkv(sd: dict[str, torch.Tensor], cfg: UNetConfig) -> dict[str, torch.Tensor]:
+    """ADM's use_new_attention_order stores qkv as [q,k,v][head][d]; we run the legacy [head][q,k,v][d]."""
+    out = dict(sd)
+    for k, v in sd.items():
+        if k.endswith(".qkv.weight") or k.endswith(".qkv.bias"):
+            c = v.shape[0] // 3
+            heads = c // (c if cfg.num_head_channels == -1 else cfg.num_head_channels)
+            out[k] = v.reshape(3, heads, c // heads, *v.shape[1:]).transpose(0, 1).reshape(v.shape)
+    return out
+
+
+# ----------------------------------------------------------------------------- diffusers UNet2DModel
+
+def unet_config_from_diffusers(cfg: Mapping[str, Any]) -> UNetConfig:
+    if cfg.get("_class_name", "UNet2DModel") != "UNet2DModel":
+        raise ModelLoadError(f"only diffusers UNet2DModel is supported, this config is a {cfg.get('_class_name')}")
+    if cfg.get("time_embedding_type", "positional") != "positional":
+        raise ModelLoadError("only positional time embeddings are supported (Fourier ones are for score-SDE models)")
+    boc = list(cfg.get("block_out_channels", (224, 448, 672, 896)))
+    down_types = list(cfg.get("down_block_types", ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D")))
+    if any(t not in ("DownBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D", "AttnSkipDownBlock2D") for t in down_types):
+        raise ModelLoadError(f"unsupported diffusers down blocks: {down_types}")
+    resnet_down = cfg.get("downsample_type", "conv") == "resnet" or "ResnetDownsampleBlock2D" in down_types
+    head_dim = cfg.get("attention_head_dim", 8)
+    return UNetConfig(
+        image_size=int(cfg.get("sample_size") or 64), in_channels=cfg.get("in_channels", 3),
+        out_channels=cfg.get("out_channels", 3), model_channels=boc[0],
+        channel_mult=tuple(c // boc[0] if c % boc[0] == 0 else c / boc[0] for c in boc),
+        num_res_blocks=cfg.get("layers_per_block", 2),
+        attention_levels=tuple(i for i, t in enumerate(down_types) if t.startswith("Attn")),
+        num_head_channels=-1 if head_dim is None else head_dim,
+        use_scale_shift_norm=cfg.get("resnet_time_scale_shift", "default") == "scale_shift",
+        resblock_updown=resnet_down,
+        downsample_padding="asymmetric" if cfg.get("downsample_padding", 1) == 0 else "symmetric",
+        norm_eps=cfg.get("norm_eps", 1e-5), flip_sin_to_cos=cfg.get("flip_sin_to_cos", True),
+        freq_shift=cfg.get("freq_shift", 0), num_classes=cfg.get("num_class_embeds"),
+    )
+
+
+_RESNET_RENAMES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                   "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_ATTN_LEGACY = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def _rename_resnet(rest: str) -> str:
+    head, _, tail = rest.partition(".")
+    if head not in _RESNET_RENAMES:
+        raise ModelLoadError(f"unexpected diffusers resnet parameter {rest!r}")
+    return f"{_RESNET_RENAMES[head]}.{tail}"
+
+
+def diffusers_to_adm(sd: Mapping[str, torch.Tensor], cfg: UNetConfig) -> dict[str, torch.Tensor]:
+    """Rename a diffusers UNet2DModel state dict onto our (ADM) module tree."""
+    R = cfg.num_res_blocks
+    out: dict[str, torch.Tensor] = {}
+    attn: dict[str, dict[str, torch.Tensor]] = {}  # our attention prefix -> {to_q.weight: ...}
+    top = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+           "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2",
+           "class_embedding": "label_emb"}
+
+    def attention_param(prefix: str, rest: str, value: torch.Tensor) -> None:
+        name, _, kind = rest.rpartition(".")
+        name = _ATTN_LEGACY.get(name, name)
+        if name == "group_norm":
+            out[f"{prefix}.norm.{kind}"] = value
+        else:
+            attn.setdefault(prefix, {})[f"{name}.{kind}"] = value
+
+    for key, value in sd.items():
+        for src, dst in top.items():
+            if key.startswith(src + "."):
+                out[dst + key[len(src):]] = value
+                break
+        else:
+            parts = key.split(".")
+            if parts[0] == "down_blocks":
+                level, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), ".".join(parts[4:])
+                base = 1 + level * (R + 1)
+                if kind == "resnets":
+                    out[f"input_blocks.{base + j}.0.{_rename_resnet(rest)}"] = value
+                elif kind == "attentions":
+                    attention_param(f"input_blocks.{base + j}.1", rest, value)
+                elif kind == "downsamplers":
+                    sub = rest.split(".", 1)
+                    out[f"input_blocks.{base + R}.0." + (f"op.{sub[1]}" if sub[0] == "conv" else _rename_resnet(rest))] = value
+                else:
+                    raise ModelLoadError(f"unexpected diffusers key {key}")
+            elif parts[0] == "up_blocks":
+                u, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), ".".join(parts[4:])
+                level = cfg.num_levels - 1 - u
+                base = u * (R + 1)
+                if kind == "resnets":
+                    out[f"output_blocks.{base + j}.0.{_rename_resnet(rest)}"] = value
+                elif kind == "attentions":
+                    attention_param(f"output_blocks.{base + j}.1", rest, value)
+                elif kind == "upsamplers":
+                    slot = 2 if level in cfg.attention_levels else 1
+                    sub = rest.split(".", 1)
+                    out[f"output_blocks.{base + R}.{slot}." + (f"conv.{sub[1]}" if sub[0] == "conv" else _rename_resnet(rest))] = value
+                else:
+                    raise ModelLoadError(f"unexpected diffusers key {key}")
+            elif parts[0] == "mid_block":
+                kind, j, rest = parts[1], int(parts[2]), ".".join(parts[3:])
+                if kind == "resnets":
+                    out[f"middle_block.{2 * j}.{_rename_resnet(rest)}"] = value
+                else:
+                    attention_param("middle_block.1", rest, value)
+            else:
+                raise ModelLoadError(f"unexpected diffusers key {key}")
+
+    for prefix, p in attn.items():
+        try:
+            q, k, v = (p[f"to_{n}.weight"] for n in "qkv")
+            qb, kb, vb = (p[f"to_{n}.bias"] for n in "qkv")
+            proj_w, proj_b = p["to_out.0.weight"], p["to_out.0.bias"]
+        except KeyError as e:
+            raise ModelLoadError(f"attention at {prefix} lacks {e}") from e
+        c = q.shape[0]
+        d = c if cfg.num_head_channels == -1 else cfg.num_head_channels
+        heads = c // d
+        # legacy layout: per head, its q rows, then k rows, then v rows
+        w = torch.stack([q.reshape(heads, d, -1), k.reshape(heads, d, -1), v.reshape(heads, d, -1)], dim=1)
+        b = torch.stack([qb.reshape(heads, d), kb.reshape(heads, d), vb.reshape(heads, d)], dim=1)
+        out[f"{prefix}.qkv.weight"] = w.reshape(3 * c, c, 1)
+        out[f"{prefix}.qkv.bias"] = b.reshape(3 * c)
+        out[f"{prefix}.proj_out.weight"] = proj_w.reshape(c, c, 1)
+        out[f"{prefix}.proj_out.bias"] = proj_b
+    return out
+
+
+def diffusion_from_scheduler(cfg: Mapping[str, Any]) -> DiffusionConfig:
+    schedule = cfg.get("beta_schedule", "linear")
+    if schedule not in ("linear", "squaredcos_cap_v2"):
+        raise ModelLoadError(f"unsupported beta_schedule {schedule!r} in scheduler_config.json")
+    if cfg.get("trained_betas"):
+        raise ModelLoadError("scheduler_config.json with trained_betas is not supported")
+    variance = cfg.get("variance_type", "fixed_small")
+    variance = {"fixed_small_log": "fixed_small", "learned": "learned_range"}.get(variance, variance)
+    return DiffusionConfig(num_train_timesteps=cfg.get("num_train_timesteps", 1000),
+                           beta_schedule="cosine" if schedule == "squaredcos_cap_v2" else "linear",
+                           beta_start=cfg.get("beta_start", 1e-4), beta_end=cfg.get("beta_end", 0.02),
+                           prediction_type=cfg.get("prediction_type", "epsilon"), variance_type=variance,
+                           clip_sample=bool(cfg.get("clip_sample", True)))
+
+
+# ----------------------------------------------------------------------------- resolving a source
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{path} is not valid JSON: {e}") from e
+
+
+def _first_existing(folder: Path, names: list[str]) -> Path | None:
+    return next((folder / n for n in names if (folder / n).is_file()), None)
+
+
+def _weights_in_folder(folder: Path) -> Path:
+    found = _first_existing(folder, ["model.safetensors", "diffusion_pytorch_model.safetensors",
+                                     "diffusion_pytorch_model.bin", "model.pt"])
+    if found:
+        return found
+    candidates = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise ModelLoadError(f"no weights file ({', '.join(WEIGHT_SUFFIXES)}) in {folder}")
+    raise ModelLoadError(f"{folder} holds several weights files ({', '.join(p.name for p in candidates)}); pass one of them")
+
+
+def build_from_files(weights: Path, config: dict[str, Any] | None = None,
+                     scheduler: dict[str, Any] | None = None, **overrides) -> tuple[UNet, DiffusionConfig, dict]:
+    """Identify the format, infer or read the config, and return a loaded UNet (fp32, CPU)."""
+    sd, metadata = read_state_dict(weights)
+    if config is None and "ilvr_config" in metadata:
+        config = json.loads(metadata["ilvr_config"])
+    num_head_channels = overrides.pop("num_head_channels", None)
+    image_size = overrides.pop("image_size", None)
+    attention_order = overrides.pop("attention_order", "legacy")
+    diffusion_overrides = {k: overrides.pop(k) for k in list(overrides) if k in DiffusionConfig.__dataclass_fields__}
+    if overrides:
+        raise ModelLoadError(f"unknown load options: {sorted(overrides)}")
+
+    if config is not None and config.get("format") == "ilvr":
+        unet_cfg = UNetConfig.from_dict(config["unet"])
+        diffusion = DiffusionConfig.from_dict(config.get("diffusion", {}))
+        family = "ilvr"
+    elif "input_blocks.0.0.weight" in sd:
+        unet_cfg = infer_adm_config(sd, num_head_channels or 64, image_size)
+        if attention_order == "new":
+            sd = new_to_legacy_qkv(sd, unet_cfg)
+        diffusion = DiffusionConfig(variance_type="learned_range" if unet_cfg.learn_sigma else "fixed_large")
+        family = "adm"
+    elif "conv_in.weight" in sd:
+        if config is None:
+            raise ModelLoadError(f"{weights.name} holds diffusers UNet2DModel weights but no config.json was found beside it")
+        unet_cfg = unet_config_from_diffusers(config)
+        sd = diffusers_to_adm(sd, unet_cfg)
+        diffusion = diffusion_from_scheduler(scheduler or {})
+        family = "diffusers"
+    else:
+        sample = ", ".join(list(sd)[:4])
+        raise ModelLoadError(
+            f"{weights.name} matches no known layout: expected guided-diffusion/ADM keys (input_blocks.0.0.weight, "
+            f"time_embed.0.weight, out.2.weight, ...) or diffusers UNet2DModel keys (conv_in.weight, "
+            f"down_blocks.0.resnets.0.conv1.weight, ...); found {sample}, ...")
+    if image_size:
+        unet_cfg.image_size = int(image_size)
+    if num_head_channels and family != "adm":
+        unet_cfg.num_head_channels = int(num_head_channels)
+    if diffusion_overrides:
+        diffusion = DiffusionConfig.from_dict({**diffusion.to_dict(), **diffusion_overrides})
+
+    with torch.device("meta"):
+        unet = UNet(unet_cfg)
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    missing, unexpected = _key_diff(unet, sd)
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"{weights.name}: the weights do not fit the inferred architecture ({family}). "
+            f"Missing: {missing[:5]}{'...' if len(missing) > 5 else ''}; unexpected: {unexpected[:5]}"
+            f"{'...' if len(unexpected) > 5 else ''}")
+    try:
+        unet.load_state_dict(sd, strict=True, assign=True)
+    except RuntimeError as e:
+        raise ModelLoadError(f"{weights.name}: shape mismatch against the inferred architecture ({family}): "
+                             f"{str(e).splitlines()[1] if len(str(e).splitlines()) > 1 else e}") from e
+    return unet.eval(), diffusion, {"family": family, "weights": str(weights)}
+
+
+def _key_diff(unet: UNet, sd: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    expected = set(unet.state_dict())
+    return sorted(expected - set(sd)), sorted(set(sd) - expected)
+
+
+def load_local(path: Path, **overrides) -> tuple[UNet, DiffusionConfig, dict]:
+    if path.is_dir():
+        folder = path / "unet" if (path / "unet" / "config.json").is_file() and not (path / "config.json").is_file() else path
+        config_path = folder / "config.json"
+        config = _read_json(config_path) if config_path.is_file() else None
+        sched_path = _first_existing(path, ["scheduler_config.json", "scheduler/scheduler_config.json"])
+        scheduler = _read_json(sched_path) if sched_path else None
+        return build_from_files(_weights_in_folder(folder), config, scheduler, **overrides)
+    if path.suffix not in WEIGHT_SUFFIXES:
+        raise ModelLoadError(f"{path.name}: expected a weights file ({', '.join(WEIGHT_SUFFIXES)}) or a model folder")
+    config_path = path.parent / "config.json"
+    config = _read_json(config_path) if config_path.is_file() else None
+    if config is not None and config.get("format") != "ilvr" and "_class_name" not in config and "block_out_channels" not in config:
+        config = None  # an unrelated config.json beside a .pt
+    sched_path = path.parent / "scheduler_config.json"
+    return build_from_files(path, config, _read_json(sched_path) if sched_path.is_file() else None, **overrides)
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def download_from_hub(repo_id: str, filename: str | None = None, revision: str | None = None,
+                      cache_dir: str | os.PathLike | None = None) -> Path:
+    """Fetch a model from the Hub into the cache (or find it there when offline); return a local path."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    cache = str(cache_dir or hub_cache_dir())
+
+    def fetch(name: str) -> Path:
+        return Path(hf_hub_download(repo_id, name, revision=revision, cache_dir=cache))
+
+    try:
+        if filename:
+            return fetch(filename)
+        config = fetch("config.json")
+        try:
+            fetch("scheduler_config.json")
+        except EntryNotFoundError:
+            pass
+        for weights in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
+            try:
+                fetch(weights)
+                break
+            except EntryNotFoundError:
+                continue
+        else:
+            raise ModelLoadError(f"{repo_id} has a config.json but no diffusion_pytorch_model weights")
+        return config.parent
+    except GatedRepoError as e:
+        raise ModelLoadError(f"{repo_id} is gated: accept its terms on huggingface.co and log in "
+                             "(`huggingface-cli login` or HF_TOKEN)") from e
+    except RepositoryNotFoundError as e:
+        raise ModelLoadError(f"no model {repo_id!r} on the Hugging Face Hub (or it is private)") from e
+    except RevisionNotFoundError as e:
+        raise ModelLoadError(f"{repo_id} has no revision {revision!r}") from e
+    except EntryNotFoundError as e:
+        raise ModelLoadError(f"{repo_id} has no file {filename or 'config.json'!r}; for a repo of raw "
+                             "checkpoints pass the file name (e.g. deepinv/diffunet:diffusion_ffhq_10m.pt)") from e
+    except LocalEntryNotFoundError as e:
+        raise ModelLoadError(f"cannot download {repo_id}{':' + filename if filename else ''}: offline and not in the "
+                             f"cache ({cache}). Connect to the internet once, or use the bundled model.") from e
+    except OSError as e:  # connection errors surface as requests/httpx OSErrors
+        raise ModelLoadError(f"cannot download {repo_id}: {e}") from e
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("CUDA was asked for but torch sees no GPU; use device='cpu'")
+    return device
+
+
+def load_model(source: str | os.PathLike, device: str | torch.device | None = "auto",
+               dtype: torch.dtype | str | None = None, *, filename: str | None = None, revision: str | None = None,
+               cache_dir: str | os.PathLike | None = None, **overrides) -> DiffusionModel:
+    """Load a model from a bundled name, local file/folder or Hub repo id (see module docstring).
+
+    dtype is the compute dtype: default float32 on CPU and float16 on CUDA (bf16 where supported
+    is also fine). overrides: image_size, num_head_channels, attention_order ('legacy'|'new') and
+    any DiffusionConfig field (e.g. variance_type='fixed_large').
+    """
+    from .registry import BUNDLED, BY_NAME
+
+    dev = resolve_device(device)
+    name = str(source)
+    if name in BY_NAME and not BY_NAME[name].bundled:  # a registry display name for a hub model
+        entry = BY_NAME[name]
+        filename = filename or entry.filename
+        name = entry.source
+    if name in BUNDLED:
+        unet, diffusion, info = load_local(BUNDLED[name].path, **overrides)
+    elif Path(name).expanduser().exists():
+        unet, diffusion, info = load_local(Path(name).expanduser(), **overrides)
+    else:
+        repo_id, _, file_in_id = name.partition(":")
+        if not HUB_ID.match(repo_id):
+            bundled = ", ".join(BUNDLED) or "none"
+            raise ModelLoadError(f"{name!r} is neither a local file/folder, a bundled model ({bundled}) "
+                                 "nor a Hub repo id like google/ddpm-ema-church-256")
+        path = download_from_hub(repo_id, filename or file_in_id or None, revision, cache_dir)
+        unet, diffusion, info = load_local(path, **overrides)
+        info["repo_id"] = repo_id
+    if dtype is None:
+        dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        dtype = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+                 "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}[dtype]
+    return DiffusionModel(unet=unet.to(dev), diffusion=diffusion, name=name, device=dev, dtype=dtype, source=name,
+                          info=info)

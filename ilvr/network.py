@@ -1,0 +1,255 @@
+"""One configurable UNet for the two DDPM families people actually publish.
+
+The module tree and parameter names follow openai/guided-diffusion's ``UNetModel`` (ADM), so ADM
+``.pt`` state dicts load with no renaming; diffusers ``UNet2DModel`` (Ho et al. / google/ddpm-*)
+weights are renamed onto the same tree by ``ilvr.loading``. The handful of numerical differences
+between the families (downsample padding, norm eps, sinusoid layout, heads) are config fields, so a
+single forward pass reproduces both.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class UNetConfig:
+    """Architecture of a UNet: the single source of truth, stored beside every checkpoint we write."""
+
+    image_size: int = 64
+    in_channels: int = 3
+    out_channels: int = 3  # 6 when the model also predicts its variance (learn_sigma)
+    model_channels: int = 128
+    channel_mult: tuple[float, ...] = (1, 2, 3, 4)
+    num_res_blocks: int = 2  # per level going down; the up path has one more
+    attention_levels: tuple[int, ...] = (2, 3)  # level i works at image_size / 2**i
+    num_head_channels: int = 64  # -1: one head spanning all channels (Google DDPM)
+    use_scale_shift_norm: bool = True
+    resblock_updown: bool = False
+    downsample_padding: str = "symmetric"  # "symmetric" (ADM, pad 1) | "asymmetric" (TF SAME)
+    norm_eps: float = 1e-5
+    flip_sin_to_cos: bool = True  # ADM sinusoid is [cos, sin]
+    freq_shift: float = 0.0  # Google DDPM uses 1
+    dropout: float = 0.0
+    num_classes: int | None = None
+
+    def __post_init__(self) -> None:
+        self.channel_mult = tuple(self.channel_mult)
+        self.attention_levels = tuple(sorted(self.attention_levels))
+        if self.downsample_padding not in ("symmetric", "asymmetric"):
+            raise ValueError(f"downsample_padding must be 'symmetric' or 'asymmetric', got {self.downsample_padding!r}")
+
+    @property
+    def learn_sigma(self) -> bool:
+        return self.out_channels == 2 * self.in_channels
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.channel_mult)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["channel_mult"] = list(self.channel_mult)
+        d["attention_levels"] = list(self.attention_levels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "UNetConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown UNet config keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool, freq_shift: float) -> torch.Tensor:
+    """Sinusoidal embedding; (flip=True, shift=0) is ADM's, (False, 1) is Google DDPM's."""
+    half = dim // 2
+    exponent = -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift)
+    args = t.float()[:, None] * torch.exp(exponent)[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)] if flip_sin_to_cos else [torch.sin(args), torch.cos(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in fp32 whatever the input dtype, as ADM does (fp16 norms drift)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(x.float(), self.num_groups, self.weight.float() if self.weight is not None else None,
+                            self.bias.float() if self.bias is not None else None, self.eps).to(x.dtype)
+
+
+def _norm(channels: int, eps: float) -> GroupNorm32:
+    return GroupNorm32(32, channels, eps=eps)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int, padding: str):
+        super().__init__()
+        self.asymmetric = padding == "asymmetric"
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=0 if self.asymmetric else 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.asymmetric:  # right/bottom only, like TensorFlow "SAME"
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class ResBlock(nn.Module):
+    """Residual block with a timestep embedding; optionally resamples (ADM's resblock_updown)."""
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: int, cfg: UNetConfig,
+                 up: bool = False, down: bool = False):
+        super().__init__()
+        self.use_scale_shift_norm = cfg.use_scale_shift_norm
+        self.in_layers = nn.Sequential(_norm(channels, cfg.norm_eps), nn.SiLU(),
+                                       nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.up, self.down = up, down
+        self.emb_layers = nn.Sequential(
+            nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if cfg.use_scale_shift_norm else out_channels))
+        self.out_layers = nn.Sequential(_norm(out_channels, cfg.norm_eps), nn.SiLU(), nn.Dropout(cfg.dropout),
+                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip_connection = nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
+
+    def _resample(self, x: torch.Tensor) -> torch.Tensor:
+        if self.up:
+            return F.interpolate(x, scale_factor=2, mode="nearest")
+        if self.down:
+            return F.avg_pool2d(x, 2)
+        return x
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if self.up or self.down:
+            h = self.in_layers[:-1](x)
+            h, x = self._resample(h), self._resample(x)
+            h = self.in_layers[-1](h)
+        else:
+            h = self.in_layers(x)
+        emb_out = self.emb_layers(emb).to(h.dtype)[..., None, None]
+        if self.use_scale_shift_norm:
+            scale, shift = emb_out.chunk(2, dim=1)
+            h = self.out_layers[0](h) * (1 + scale) + shift
+            h = self.out_layers[1:](h)
+        else:
+            h = self.out_layers(h + emb_out)
+        return self.skip_connection(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Spatial self-attention. qkv channels use ADM's *legacy* layout [head][q,k,v][dim]."""
+
+    def __init__(self, channels: int, cfg: UNetConfig):
+        super().__init__()
+        head_channels = channels if cfg.num_head_channels == -1 else cfg.num_head_channels
+        if channels % head_channels:
+            raise ValueError(f"{channels} channels do not split into heads of {head_channels}")
+        self.num_heads = channels // head_channels
+        self.norm = _norm(channels, cfg.norm_eps)
+        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.proj_out = nn.Conv1d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, height, width = x.shape
+        flat = x.reshape(b, c, -1)
+        qkv = self.qkv(self.norm(flat))  # (B, 3C, T)
+        qkv = qkv.reshape(b, self.num_heads, 3, c // self.num_heads, -1).transpose(-1, -2)  # (B, H, 3, T, d)
+        q, k, v = qkv.unbind(dim=2)
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, d)
+        h = h.transpose(-1, -2).reshape(b, c, -1)
+        return (flat + self.proj_out(h)).reshape(b, c, height, width)
+
+
+class TimestepSequential(nn.Sequential):
+    """A sequential container that hands the timestep embedding to the ResBlocks inside it."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        for layer in self:
+            x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
+        return x
+
+
+class UNet(nn.Module):
+    """The denoiser: ``unet(x, t)`` returns the raw network output (eps, or eps and variance)."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.config = cfg
+        mc = cfg.model_channels
+        emb_ch = 4 * mc
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+        if cfg.num_classes is not None:
+            self.label_emb = nn.Embedding(cfg.num_classes, emb_ch)
+
+        ch = int(cfg.channel_mult[0] * mc)
+        self.input_blocks = nn.ModuleList([TimestepSequential(nn.Conv2d(cfg.in_channels, ch, 3, padding=1))])
+        skip_channels = [ch]
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers: list[nn.Module] = [ResBlock(ch, emb_ch, int(mult * mc), cfg)]
+                ch = int(mult * mc)
+                if level in cfg.attention_levels:
+                    layers.append(AttentionBlock(ch, cfg))
+                self.input_blocks.append(TimestepSequential(*layers))
+                skip_channels.append(ch)
+            if level != cfg.num_levels - 1:
+                down = ResBlock(ch, emb_ch, ch, cfg, down=True) if cfg.resblock_updown else Downsample(ch, cfg.downsample_padding)
+                self.input_blocks.append(TimestepSequential(down))
+                skip_channels.append(ch)
+
+        self.middle_block = TimestepSequential(ResBlock(ch, emb_ch, ch, cfg), AttentionBlock(ch, cfg),
+                                               ResBlock(ch, emb_ch, ch, cfg))
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_channels.pop(), emb_ch, int(mult * mc), cfg)]
+                ch = int(mult * mc)
+                if level in cfg.attention_levels:
+                    layers.append(AttentionBlock(ch, cfg))
+                if level and i == cfg.num_res_blocks:
+                    layers.append(ResBlock(ch, emb_ch, ch, cfg, up=True) if cfg.resblock_updown else Upsample(ch))
+                self.output_blocks.append(TimestepSequential(*layers))
+
+        self.out = nn.Sequential(_norm(ch, cfg.norm_eps), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.input_blocks[0][0].weight.dtype
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, C, H, W) noisy images; t: (B,) timesteps on the training scale (0..T-1)."""
+        emb = self.time_embed(timestep_embedding(t, self.config.model_channels, self.config.flip_sin_to_cos,
+                                                 self.config.freq_shift).to(self.time_embed[0].weight.dtype))
+        if self.config.num_classes is not None:
+            if y is None:
+                raise ValueError("this is a class-conditional model: pass class labels y")
+            emb = emb + self.label_emb(y)
+        h = x.to(self.dtype)
+        skips = []
+        for block in self.input_blocks:
+            h = block(h, emb)
+            skips.append(h)
+        h = self.middle_block(h, emb)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+        return self.out(h)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

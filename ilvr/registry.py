@@ -1,0 +1,78 @@
+"""The models the app and CLI offer by name, with the paper's presets scaled to each resolution.
+
+The paper's presets are for 256 px: translation N=32, paint-to-image N=64, scribbles N=8 refined on
+steps 1000 -> 200. A 64 px model sees a quarter of the pixels per side, so N scales with size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .loading import CHECKPOINTS_DIR
+
+PAPER_SIZE = 256
+PAPER_PRESETS = {"generation": 16, "translation": 32, "paint": 64, "scribble": 8}
+SCRIBBLE_STOP_AT = 200
+
+
+def scaled_factor(task: str, image_size: int) -> int:
+    """The paper's N for a task, scaled to image_size and kept a divisor of it (at least 2)."""
+    n = PAPER_PRESETS[task] * image_size // PAPER_SIZE
+    n = max(2, n)
+    while image_size % n:
+        n -= 1
+    return n
+
+
+def generation_factors(image_size: int) -> list[int]:
+    """Powers of two from 2 to image_size/2: the rows of the paper's Fig. 4 grid."""
+    out, n = [], 2
+    while n <= image_size // 2:
+        out.append(n)
+        n *= 2
+    return out
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str  # what users type / pick
+    source: str  # repo id, or the bundled folder name
+    image_size: int
+    description: str
+    filename: str | None = None  # for hub repos of raw checkpoints
+    bundled: bool = False
+    license: str = ""
+    examples: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def path(self) -> Path:
+        return CHECKPOINTS_DIR / self.source
+
+    @property
+    def load_source(self) -> str:
+        if self.bundled:
+            return str(self.path)
+        return f"{self.source}:{self.filename}" if self.filename else self.source
+
+    def presets(self) -> dict[str, int]:
+        return {task: scaled_factor(task, self.image_size) for task in PAPER_PRESETS}
+
+
+MODELS: list[ModelEntry] = [
+    ModelEntry("emoji64", "emoji64", 64, "Bundled: our 64 px DDPM trained on Noto color emoji (offline, CPU-friendly)",
+               bundled=True, license="Apache-2.0 (weights and training images)"),
+    ModelEntry("ffhq-256 (ILVR authors, ADM)", "deepinv/diffunet", 256,
+               "FFHQ faces, the ILVR/DPS authors' 93M-parameter ADM model", filename="diffusion_ffhq_10m.pt",
+               license="see deepinv/diffunet (BSD-3-Clause repo)"),
+    ModelEntry("celebahq-256 (Google DDPM, EMA)", "google/ddpm-ema-celebahq-256", 256, "CelebA-HQ faces, Ho et al.",
+               license="Apache-2.0"),
+    ModelEntry("church-256 (Google DDPM, EMA)", "google/ddpm-ema-church-256", 256, "LSUN church outdoor, Ho et al.",
+               license="Apache-2.0"),
+    ModelEntry("cat-256 (Google DDPM, EMA)", "google/ddpm-ema-cat-256", 256, "LSUN cats, Ho et al.", license="Apache-2.0"),
+    ModelEntry("bedroom-256 (Google DDPM, EMA)", "google/ddpm-ema-bedroom-256", 256, "LSUN bedrooms, Ho et al.",
+               license="Apache-2.0"),
+]
+
+BY_NAME = {m.name: m for m in MODELS}
+BUNDLED = {m.name: m for m in MODELS if m.bundled}
+DEFAULT_MODEL = "emoji64"
