@@ -345,8 +345,12 @@ def build_from_files(weights: Path, config: dict[str, Any] | None = None,
     if diffusion_overrides:
         diffusion = DiffusionConfig.from_dict({**diffusion.to_dict(), **diffusion_overrides})
 
-    with torch.device("meta"):
-        unet = UNet(unet_cfg)
+    try:
+        with torch.device("meta"):
+            unet = UNet(unet_cfg)
+    except ValueError as e:
+        raise ModelLoadError(f"{weights.name}: {e}; pass num_head_channels=... (CLI/app: the model's head size) "
+                             "to match how it was trained") from e
     sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
     missing, unexpected = _key_diff(unet, sd)
     if missing or unexpected:
@@ -406,13 +410,16 @@ def download_from_hub(repo_id: str, filename: str | None = None, revision: str |
         config = fetch("config.json")
         try:
             fetch("scheduler_config.json")
-        except EntryNotFoundError:
-            pass
+        except EntryNotFoundError as e:
+            if isinstance(e, LocalEntryNotFoundError):  # a subclass: offline, not "absent from the repo"
+                raise
         for weights in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
             try:
                 fetch(weights)
                 break
-            except EntryNotFoundError:
+            except EntryNotFoundError as e:
+                if isinstance(e, LocalEntryNotFoundError):
+                    raise
                 continue
         else:
             raise ModelLoadError(f"{repo_id} has a config.json but no diffusion_pytorch_model weights")
@@ -424,12 +431,12 @@ def download_from_hub(repo_id: str, filename: str | None = None, revision: str |
         raise ModelLoadError(f"no model {repo_id!r} on the Hugging Face Hub (or it is private)") from e
     except RevisionNotFoundError as e:
         raise ModelLoadError(f"{repo_id} has no revision {revision!r}") from e
-    except EntryNotFoundError as e:
-        raise ModelLoadError(f"{repo_id} has no file {filename or 'config.json'!r}; for a repo of raw "
-                             "checkpoints pass the file name (e.g. deepinv/diffunet:diffusion_ffhq_10m.pt)") from e
     except LocalEntryNotFoundError as e:
         raise ModelLoadError(f"cannot download {repo_id}{':' + filename if filename else ''}: offline and not in the "
                              f"cache ({cache}). Connect to the internet once, or use the bundled model.") from e
+    except EntryNotFoundError as e:
+        raise ModelLoadError(f"{repo_id} has no file {filename or 'config.json'!r}; for a repo of raw "
+                             "checkpoints pass the file name (e.g. deepinv/diffunet:diffusion_ffhq_10m.pt)") from e
     except OSError as e:  # connection errors surface as requests/httpx OSErrors
         raise ModelLoadError(f"cannot download {repo_id}: {e}") from e
 

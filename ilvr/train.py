@@ -71,7 +71,7 @@ def load_dataset(folder: str | os.PathLike, size: int) -> torch.Tensor:
         except ImageError:
             skipped += 1
             continue
-        tensors.append(torch.from_numpy(np.asarray(img, dtype=np.uint8)).permute(2, 0, 1))
+        tensors.append(torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1))
     if not tensors:
         raise ValueError(f"no readable images in {folder}")
     if skipped:

@@ -1,0 +1,80 @@
+"""The command line as a user runs it."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from ilvr.cli import main
+from ilvr.images import read_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def ref_png(tmp_path) -> Path:
+    img = Image.new("RGB", (50, 40), (200, 40, 40))
+    img.paste((40, 40, 200), (10, 10, 30, 30))
+    path = tmp_path / "ref.png"
+    img.save(path)
+    return path
+
+
+def test_sample_writes_pngs_with_settings(tiny_checkpoint, ref_png, tmp_path):
+    out = tmp_path / "out"
+    assert main(["sample", "--model", str(tiny_checkpoint), "--ref", str(ref_png), "--N", "4", "--steps", "5",
+                 "--num", "3", "--batch-size", "2", "--seed", "1", "--out", str(out)]) == 0
+    files = sorted(out.glob("*.png"))
+    assert [f.name for f in files] == ["ref_0.png", "ref_1.png", "ref_2.png"]
+    assert Image.open(files[0]).size == (32, 32)
+    s = read_settings(files[0])
+    assert s["N"] == 4 and s["steps"] == "5" and s["filter"] == "cubic" and s["reference"].endswith("ref.png")
+
+
+def test_sample_with_mask(tiny_checkpoint, ref_png, tmp_path):
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    mask_path = tmp_path / "mask.png"
+    mask.save(mask_path)
+    out = tmp_path / "out"
+    assert main(["sample", "--model", str(tiny_checkpoint), "--ref", str(ref_png), "--mask", str(mask_path),
+                 "--keep-outside", "--steps", "5", "--num", "1", "--out", str(out)]) == 0
+    assert len(list(out.glob("*.png"))) == 1
+
+
+def test_info_prints_the_architecture(tiny_checkpoint, capsys):
+    assert main(["info", str(tiny_checkpoint), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["unet"]["model_channels"] == 32 and d["diffusion"]["variance_type"] == "fixed_small"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--N", "3"], "does not divide the image size 32"),
+    (["--steps", "lots"], "steps must be"),
+    (["--filter", "gauss"], "invalid choice"),
+    (["--num", "0"], "expected a number >= 1"),
+    (["--stop-at", "-1"], "expected a number >= 0"),
+    (["--model", "does/not-exist-anywhere-xyz", "--device", "cpu"], "cannot download|no model|offline"),
+])
+def test_bad_arguments_are_explained(tiny_checkpoint, ref_png, tmp_path, args, message):
+    cmd = [sys.executable, "-m", "ilvr", "sample", "--model", str(tiny_checkpoint), "--ref", str(ref_png),
+           "--out", str(tmp_path / "o"), "--steps", "5", *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ILVR_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    import re
+    assert re.search(message, proc.stderr), proc.stderr
+
+
+def test_missing_reference_is_explained(tiny_checkpoint, tmp_path, capsys):
+    assert main(["sample", "--model", str(tiny_checkpoint), "--ref", str(tmp_path / "nope.png"), "--steps", "5",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="give --ref"):
+        main(["sample", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "o")])

@@ -1,0 +1,204 @@
+"""Loading: config inference from raw ADM state dicts, diffusers folders, our format, the Hub cache, errors."""
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from ilvr.loading import ModelLoadError, infer_adm_config, load_model
+from ilvr.network import UNet, UNetConfig
+
+# the published ADM flag sets, scaled down in width (same structure)
+P2_SMALL = UNetConfig(image_size=256, out_channels=6, model_channels=32, channel_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=1,
+                      attention_levels=(4,), num_head_channels=64, resblock_updown=True, use_scale_shift_norm=True)
+ADM256_SMALL = UNetConfig(image_size=256, out_channels=6, model_channels=32, channel_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2,
+                          attention_levels=(3, 4, 5), num_head_channels=64, resblock_updown=True, use_scale_shift_norm=True)
+PLAIN_64 = UNetConfig(image_size=64, out_channels=3, model_channels=32, channel_mult=(1, 2, 3, 4), num_res_blocks=2,
+                      attention_levels=(2, 3), num_head_channels=32, resblock_updown=False, use_scale_shift_norm=False)
+
+
+@pytest.mark.parametrize("cfg", [P2_SMALL, ADM256_SMALL, PLAIN_64], ids=["ffhq-p2", "adm-256-uncond", "plain-64"])
+def test_adm_config_is_inferred_from_state_dict(cfg, tmp_path):
+    torch.manual_seed(0)
+    unet = UNet(cfg).eval()
+    path = tmp_path / "ema_0.9999_100000.pt"
+    torch.save(unet.state_dict(), path)
+    inferred = infer_adm_config(unet.state_dict(), num_head_channels=cfg.num_head_channels)
+    assert inferred == cfg
+    model = load_model(path, device="cpu", num_head_channels=cfg.num_head_channels)
+    assert model.unet.config == cfg
+    assert model.diffusion.variance_type == ("learned_range" if cfg.out_channels == 6 else "fixed_large")
+    size = 32
+    x, t = torch.randn(1, 3, size, size), torch.tensor([500])
+    with torch.no_grad():
+        assert torch.equal(model.unet(x, t), unet(x, t))
+
+
+def test_new_attention_order_is_converted(tmp_path):
+    """use_new_attention_order checkpoints store [q,k,v][head][d]: converting gives the same function."""
+    torch.manual_seed(0)
+    unet = UNet(PLAIN_64).eval()
+    sd = unet.state_dict()
+    new = {}
+    for k, v in sd.items():  # legacy -> new layout by hand
+        if ".qkv." in k:
+            c = v.shape[0] // 3
+            heads = c // 32
+            v = v.reshape(heads, 3, c // heads, *v.shape[1:]).transpose(0, 1).reshape(v.shape)
+        new[k] = v
+    torch.save(new, tmp_path / "new.pt")
+    model = load_model(tmp_path / "new.pt", device="cpu", num_head_channels=32, attention_order="new")
+    x, t = torch.randn(1, 3, 16, 16), torch.tensor([10])
+    with torch.no_grad():
+        assert torch.allclose(model.unet(x, t), unet(x, t), atol=1e-6)
+
+
+def _diffusers_folder(tmp_path: Path, legacy_names: bool = False, safetensors: bool = True) -> tuple[Path, torch.nn.Module]:
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    ref = diffusers.UNet2DModel(sample_size=32, block_out_channels=[32, 64], down_block_types=["DownBlock2D", "AttnDownBlock2D"],
+                                up_block_types=["AttnUpBlock2D", "UpBlock2D"], layers_per_block=1, attention_head_dim=None,
+                                norm_eps=1e-6, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1).eval()
+    folder = tmp_path / "ddpm-tiny"
+    ref.save_pretrained(folder, safe_serialization=safetensors)
+    if legacy_names:  # the 2022 hub .bin files name attention query/key/value/proj_attn
+        weights = folder / "diffusion_pytorch_model.bin"
+        sd = torch.load(weights, weights_only=True)
+        renamed = {}
+        for k, v in sd.items():
+            for new, old in (("to_q", "query"), ("to_k", "key"), ("to_v", "value"), ("to_out.0", "proj_attn")):
+                k = k.replace(f".{new}.", f".{old}.")
+            renamed[k] = v
+        torch.save(renamed, weights)
+    (folder / "scheduler_config.json").write_text(json.dumps({
+        "_class_name": "DDPMScheduler", "beta_end": 0.02, "beta_schedule": "linear", "beta_start": 0.0001,
+        "clip_sample": True, "num_train_timesteps": 1000, "trained_betas": None, "variance_type": "fixed_small"}))
+    return folder, ref
+
+
+@pytest.mark.parametrize("legacy,safetensors", [(False, True), (True, False)], ids=["safetensors", "legacy-bin"])
+def test_diffusers_folder_loads_and_matches(tmp_path, legacy, safetensors):
+    folder, ref = _diffusers_folder(tmp_path, legacy, safetensors)
+    model = load_model(folder, device="cpu")
+    assert model.info["family"] == "diffusers"
+    assert model.image_size == 32 and model.diffusion.variance_type == "fixed_small"
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([0, 999])
+    with torch.no_grad():
+        assert (model.unet(x, t) - ref(x, t).sample).abs().max() <= 1e-4
+
+
+def test_our_format_roundtrip(tiny_checkpoint):
+    model = load_model(tiny_checkpoint, device="cpu")
+    assert model.info["family"] == "ilvr" and model.image_size == 32
+    single = load_model(tiny_checkpoint / "model.safetensors", device="cpu")  # config also in the metadata
+    assert single.unet.config == model.unet.config
+
+
+def _fake_hub_cache(cache: Path, repo_id: str, files: dict[str, Path]) -> None:
+    """The on-disk layout huggingface_hub uses: models--owner--name/{refs/main,snapshots/<rev>/...}."""
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(rev)
+    snap = repo / "snapshots" / rev
+    snap.mkdir(parents=True)
+    for name, src in files.items():
+        shutil.copy(src, snap / name)
+
+
+def test_hub_repo_loads_from_local_cache_offline(tmp_path, monkeypatch):
+    folder, ref = _diffusers_folder(tmp_path)
+    cache = tmp_path / "hub"
+    _fake_hub_cache(cache, "google/ddpm-ema-tiny-32", {p.name: p for p in folder.iterdir()})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hc
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    model = load_model("google/ddpm-ema-tiny-32", device="cpu", cache_dir=cache)
+    assert model.info["repo_id"] == "google/ddpm-ema-tiny-32"
+    x, t = torch.randn(1, 3, 32, 32), torch.tensor([5])
+    with torch.no_grad():
+        assert (model.unet(x, t) - ref(x, t).sample).abs().max() <= 1e-4
+
+
+def test_hub_raw_checkpoint_with_filename(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    unet = UNet(P2_SMALL)
+    pt = tmp_path / "diffusion_ffhq_10m.pt"
+    torch.save(unet.state_dict(), pt)
+    cache = tmp_path / "hub"
+    _fake_hub_cache(cache, "deepinv/diffunet", {"diffusion_ffhq_10m.pt": pt})
+    import huggingface_hub.constants as hc
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    model = load_model("deepinv/diffunet:diffusion_ffhq_10m.pt", device="cpu", cache_dir=cache)
+    assert model.unet.config == P2_SMALL
+    same = load_model("deepinv/diffunet", filename="diffusion_ffhq_10m.pt", device="cpu", cache_dir=cache)
+    assert same.unet.config == P2_SMALL
+
+
+def test_hub_offline_and_missing_give_clear_errors(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hc
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelLoadError, match="offline and not in the cache"):
+        load_model("google/ddpm-ema-church-256", device="cpu", cache_dir=tmp_path / "empty")
+    with pytest.raises(ModelLoadError, match="neither a local file"):
+        load_model("no such model", device="cpu")
+
+
+def test_bad_files_give_specific_errors(tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ModelLoadError, match="weights-only"):
+        load_model(junk, device="cpu")
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"x": Evil()}))
+    with pytest.raises(ModelLoadError, match="arbitrary pickles are refused"):
+        load_model(evil, device="cpu")
+
+    opt = tmp_path / "opt0.pt"
+    torch.save({"state": {}, "param_groups": []}, opt)
+    with pytest.raises(ModelLoadError, match="optimizer state"):
+        load_model(opt, device="cpu")
+
+    unknown = tmp_path / "other.pt"
+    torch.save({"encoder.weight": torch.zeros(2, 2)}, unknown)
+    with pytest.raises(ModelLoadError, match="matches no known layout.*input_blocks.0.0.weight"):
+        load_model(unknown, device="cpu")
+
+    truncated = tmp_path / "trunc.pt"
+    sd = UNet(PLAIN_64).state_dict()
+    sd.pop("input_blocks.1.0.in_layers.2.weight")
+    torch.save(sd, truncated)
+    with pytest.raises(ModelLoadError, match="do not split into heads of 64; pass num_head_channels"):
+        load_model(truncated, device="cpu")
+    with pytest.raises(ModelLoadError, match="do not fit.*Missing.*input_blocks.1.0.in_layers.2.weight"):
+        load_model(truncated, device="cpu", num_head_channels=32)
+
+    bad_st = tmp_path / "bad.safetensors"
+    bad_st.write_bytes(b"\x00" * 16)
+    with pytest.raises(ModelLoadError, match="safetensors"):
+        load_model(bad_st, device="cpu")
+
+
+def test_diffusers_weights_without_config_is_explained(tmp_path):
+    folder, _ = _diffusers_folder(tmp_path)
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(folder / "diffusion_pytorch_model.safetensors", lone / "weights.safetensors")
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(lone / "weights.safetensors", device="cpu")
+
+
+def test_cuda_request_without_gpu_is_explained(tiny_checkpoint):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ModelLoadError, match="no GPU"):
+        load_model(tiny_checkpoint, device="cuda")

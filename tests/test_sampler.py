@@ -1,0 +1,124 @@
+"""ILVR invariants (paper Algorithm 1) on a random tiny network: they hold whatever the network does."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ilvr.filters import LowPass, resize_right_lowpass
+from ilvr.model import DiffusionModel
+from ilvr.sampler import Cancelled, conditioned_steps, sample
+from ilvr.schedule import DiffusionConfig
+from conftest import tiny_unet
+
+
+@pytest.fixture(scope="module")
+def model() -> DiffusionModel:
+    return DiffusionModel(unet=tiny_unet(), diffusion=DiffusionConfig(), name="tiny")
+
+
+@pytest.fixture(scope="module")
+def reference() -> torch.Tensor:
+    """A smooth image with some structure: a colour gradient with a disc."""
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")
+    disc = ((xx - 0.2) ** 2 + (yy + 0.1) ** 2 < 0.25).float()
+    return torch.stack([xx * 0.8, yy * 0.6, disc * 1.4 - 0.7]).clamp(-1, 1)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = ((a - b) ** 2).mean().item()  # images in [-1, 1]: peak-to-peak 2
+    return float("inf") if mse == 0 else 10 * math.log10(4 / mse)
+
+
+def test_n1_returns_the_reference(model, reference):
+    x = sample(model, reference, seeds=[0, 1], n_factor=1, steps="10")
+    assert (x - reference).abs().max().item() <= 1 / 255
+
+
+def test_box_filter_low_frequencies_match_exactly(model, reference):
+    x = sample(model, reference, seeds=[0], n_factor=8, kernel="box", steps="10")
+    phi = LowPass(32, 32, 8, "box")
+    assert (phi(x) - phi(reference[None])).abs().max().item() < 1e-5
+
+
+def test_cubic_low_frequencies_match_closely(model, reference):
+    x = sample(model, reference, seeds=[0, 1], n_factor=4, kernel="cubic", steps="10")
+    phi = LowPass(32, 32, 4, "cubic")
+    assert psnr(phi(x), phi(reference[None]).expand_as(x)) >= 35
+
+
+def test_same_seed_same_image_and_different_seeds_differ(model, reference):
+    a = sample(model, reference, seeds=[5, 6], n_factor=4, steps="10")
+    b = sample(model, reference, seeds=[5, 6], n_factor=4, steps="10")
+    assert torch.equal(a, b)
+    assert (a[0] - a[1]).abs().mean() > 1e-2
+
+
+def test_batch_composition_does_not_change_a_sample(model, reference):
+    alone = sample(model, reference, seeds=[7], n_factor=4, steps="10")
+    in_batch = sample(model, reference, seeds=[3, 7], n_factor=4, steps="10")
+    assert (alone[0] - in_batch[1]).abs().max() < 1e-4
+
+
+def test_stop_at_1000_is_unconditional(model, reference):
+    a = sample(model, reference, seeds=[2], n_factor=4, steps="10", stop_at=1000)
+    b = sample(model, None, seeds=[2], steps="10")
+    # the unconditional run draws no reference noise, so only the first step's proposal is shared
+    assert a.shape == b.shape
+    phi = LowPass(32, 32, 4)
+    assert psnr(phi(a), phi(reference[None])) < 30  # nothing pulled it to the reference
+
+
+def test_conditioning_range_is_on_the_1000_step_scale():
+    assert conditioned_steps([0, 199, 200, 500], 200) == [False, False, True, True]
+    assert all(conditioned_steps([0, 999], 0))
+
+
+def test_mask_keep_outside_preserves_reference_outside(model, reference):
+    mask = torch.zeros(32, 32)
+    mask[8:24, 8:24] = 1
+    x = sample(model, reference, seeds=[0], n_factor=4, steps="10", stop_at=200, mask=mask, keep_outside=True)
+    outside = mask == 0
+    assert (x[0][:, outside] - reference[:, outside]).abs().max() <= 1 / 255
+    assert (x[0][:, ~outside] - reference[:, ~outside]).abs().max() > 0.05  # the inside was regenerated
+
+
+def test_ddim_runs_and_progress_reports_every_step(model, reference):
+    seen = []
+    x = sample(model, reference, seeds=[0], n_factor=4, steps="ddim5", sampler="ddim", progress=lambda s: seen.append(s.index))
+    assert seen == [1, 2, 3, 4, 5] and torch.isfinite(x).all()
+
+
+def test_cancel_from_progress(model, reference):
+    def stop(info):
+        if info.index == 2:
+            raise Cancelled("user pressed cancel")
+    with pytest.raises(Cancelled):
+        sample(model, reference, seeds=[0], steps="10", progress=stop)
+
+
+def test_matrix_filter_equals_resize_right():
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    for kernel in ("cubic", "lanczos2", "lanczos3", "linear", "box"):
+        for n in (2, 4, 8):
+            fast = LowPass(32, 32, n, kernel, dtype=torch.float64)(x)
+            assert (fast - resize_right_lowpass(x, n, kernel)).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(n_factor=3), "does not divide the image size 32"),
+    (dict(n_factor=0), "positive whole number"),
+    (dict(kernel="gauss"), "unknown filter"),
+    (dict(steps="abc"), "steps must be"),
+    (dict(stop_at=5000), "stop step must be between"),
+    (dict(sampler="euler"), "sampler must be"),
+])
+def test_bad_settings_are_explained(model, reference, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        sample(model, reference, seeds=[0], **{"steps": "5", **kwargs})
+
+
+def test_wrong_reference_shape_is_explained(model):
+    with pytest.raises(ValueError, match="reference must be 3x32x32"):
+        sample(model, torch.zeros(3, 64, 64), seeds=[0], steps="5")
