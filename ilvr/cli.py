@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--filter", default="cubic", choices=list(KERNELS), help="resize-right kernel for phi_N")
     s.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"],
                    help="ddpm (default). ddim is faster per step but ILVR with DDIM tends to blur/noise")
-    s.add_argument("--num", type=_positive_int, default=4, help="samples per reference")
+    s.add_argument("--num", "--num-samples", type=_positive_int, default=4,
+                   help="samples per reference (under torchrun write --num-samples: torchrun rejects --num)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch-size", type=_positive_int, default=8, help="samples per forward pass")
     s.add_argument("--out", default="outputs", help="output folder")
