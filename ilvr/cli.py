@@ -1,4 +1,4 @@
-"""Command line: ``python -m ilvr {sample,info,train}``."""
+"""Command line: ``python -m ilvr {sample,info,train,bench}``."""
 from __future__ import annotations
 
 import argparse
@@ -89,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto")
     t.add_argument("--cpu-bf16", action="store_true", help="bf16 autocast on CPU (only fast with AVX512-BF16/AMX)")
     t.add_argument("--seed", type=int, default=0)
+
+    from .bench import add_arguments as add_bench_arguments
+
+    b = sub.add_parser("bench", help="time ILVR (ours) against unconditional sampling and the straightforward loop")
+    add_bench_arguments(b)
     return parser
 
 
@@ -178,13 +183,20 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import run
+
+    run(args)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .images import ImageError
     from .loading import ModelLoadError
 
     try:
-        return {"sample": cmd_sample, "info": cmd_info, "train": cmd_train}[args.command](args)
+        return {"sample": cmd_sample, "info": cmd_info, "train": cmd_train, "bench": cmd_bench}[args.command](args)
     except (ModelLoadError, ImageError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,593 @@
+"""Speed benchmark (``python -m ilvr bench``): the ILVR fast path against the straightforward loop.
+
+Three ways to draw samples, timed side by side in one run on the same weights, reference and seeds:
+
+  unconditional   ``ilvr.sampler.sample(model, None, ...)``: the UNet alone, the floor ILVR is measured
+                  against (ILVR overhead = ours / unconditional - 1).
+  ILVR, ours      ``ilvr.sampler.sample(model, reference, ...)``: phi_N once per step as two small
+                  precomputed matmuls (x = x' + phi(y_{t-1} - x')), torch.inference_mode, the model's compute
+                  dtype (fp16 autocast on CUDA by default), optionally channels_last and torch.compile.
+  ILVR, plain     ``plain_ilvr`` below, written the way the official implementation (jychoi118/ilvr_adm)
+                  writes its loop: fp32 network, torch.no_grad, and per step
+                  x = x' - up(down(x')) + up(down(y_noisy)), i.e. down+up run twice per step. The resizing is
+                  resize-right's ``resize`` (``ilvr.filters.resize_right_lowpass``), which derives its kernel
+                  weights on every call; the official repo uses the same author's earlier PyTorch-Resizer,
+                  whose weights are built once, so the plain loop's phi_N time is an upper bound on the
+                  official one. The table prints phi_N's own time per step so its share can be read off.
+
+The plain loop draws the same noise in the same order as ``ilvr.sampler.sample`` (one CPU generator per
+sample: the start noise, then per step z and then eps) and uses the same diffusion maths
+(``ilvr.schedule.predict_step``) and the same conditioning conventions (y noised to x_{t-1}'s level, last
+step conditioned on the clean y, stop step on the 1000-step scale), so in fp32 both give the same samples
+to float tolerance and the timings differ only by how ILVR and the network are run.
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during the timed runs, minus what was allocated
+before the run, plus the weights of the network that variant uses (so a second copy kept for another
+variant is not counted). On CPU there is no allocator counter, so a separate short untimed pass (after
+``malloc_trim`` so freed heap pages are returned) samples the process RSS from /proc/self/statm every 2 ms
+and reports its growth over the start of the pass, plus the weights (``ru_maxrss`` only ever grows, so a
+delta of it is 0 for every run after the biggest one; we do not use it where /proc is available).
+"""
+from __future__ import annotations
+
+import copy
+import ctypes
+import gc
+import json
+import math
+import os
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .filters import LowPass, resize_right_lowpass
+from .model import DiffusionModel
+from .network import UNet, UNetConfig, count_parameters
+from .sampler import conditioned_steps, sample
+from .schedule import DiffusionConfig, predict_step
+
+FULL_STEPS = 250  # the paper's (and the app's) number of respaced steps
+
+
+# ----------------------------------------------------------------------------- models
+
+def ffhq_p2_configs() -> tuple[UNetConfig, DiffusionConfig]:
+    """The ILVR authors' FFHQ 256 px ADM network (P2 weighting release), 6 output channels (learned sigma)."""
+    unet = UNetConfig(image_size=256, out_channels=6, model_channels=128, channel_mult=(1, 1, 2, 2, 4, 4),
+                      num_res_blocks=1, attention_levels=(4,), num_head_channels=64, resblock_updown=True)
+    return unet, DiffusionConfig(variance_type="learned_range")
+
+
+def random_model(unet_cfg: UNetConfig, diffusion: DiffusionConfig | None = None, *, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, seed: int = 0, name: str = "random") -> DiffusionModel:
+    """A UNet of the given architecture with (seeded) random weights: for timings and tests."""
+    with torch.random.fork_rng(devices=[]):  # seeded, without disturbing the caller's global RNG
+        torch.manual_seed(seed)
+        unet = UNet(unet_cfg).eval()
+    return DiffusionModel(unet=unet.to(device), diffusion=diffusion or DiffusionConfig(), name=name, device=device,
+                          dtype=dtype, source=name, info={"family": "random"})
+
+
+def bundled_model(source: str = "emoji64", device: str | torch.device = "cpu") -> tuple[DiffusionModel, str]:
+    """The bundled model in fp32; if its weights are missing or unreadable (e.g. mid-export), a random
+    model of the same architecture. Returns (model, a note saying which)."""
+    from .loading import CHECKPOINTS_DIR, ModelLoadError, load_model
+
+    try:
+        return load_model(source, device=device, dtype=torch.float32), "trained weights"
+    except (ModelLoadError, OSError) as e:
+        config_path = CHECKPOINTS_DIR / source / "config.json"
+        if not config_path.is_file():
+            raise
+        config = json.loads(config_path.read_text())
+        model = random_model(UNetConfig.from_dict(config["unet"]), DiffusionConfig.from_dict(config.get("diffusion", {})),
+                             device=device, name=source)
+        return model, f"random weights ({str(e).splitlines()[0][:80]})"
+
+
+def make_fast(model: DiffusionModel, *, dtype: torch.dtype | None = None, channels_last: bool = False,
+              compile: bool = False, compile_mode: str | None = None) -> DiffusionModel:
+    """The same weights set up for speed: compute dtype (autocast), channels_last, torch.compile.
+
+    channels_last/compile work on a copy of the UNet, so ``model`` itself stays a plain fp32 module
+    (the straightforward loop keeps using it).
+    """
+    unet = model.unet
+    if channels_last or compile:
+        unet = copy.deepcopy(unet)
+        if channels_last:
+            unet = unet.to(memory_format=torch.channels_last)
+        if compile:
+            # dynamic=False: one graph per batch size, specialised (a shape change would otherwise switch
+            # to a dynamic-shape graph, which is slower). mode "reduce-overhead" adds CUDA graphs.
+            unet.compile(dynamic=False, mode=None if compile_mode in (None, "default") else compile_mode)
+    return DiffusionModel(unet=unet, diffusion=model.diffusion, name=model.name, device=model.device,
+                          dtype=dtype or model.dtype, source=model.source, info=dict(model.info))
+
+
+# ----------------------------------------------------------------------------- the straightforward loop
+
+def plain_ilvr(model: DiffusionModel, reference: torch.Tensor, *, seeds: Sequence[int], n_factor: int = 4,
+               kernel: str = "cubic", steps: str | int = FULL_STEPS, stop_at: int = 0,
+               on_step: Callable[[], None] | None = None) -> torch.Tensor:
+    """ILVR written plainly, as the official implementation runs it (the baseline of the benchmark).
+
+    fp32 network called directly (no autocast), torch.no_grad (not inference_mode), and the low-pass
+    phi_N = up(down(.)) from resize-right applied twice per step, to x' and to the noised reference
+    separately. Same noise, maths and conventions as ``ilvr.sampler.sample``; reference (3, H, W) or
+    (B, 3, H, W) in [-1, 1]. Returns float32 samples (B, 3, H, W). on_step() is called after every step
+    (the benchmark's per-step clock).
+    """
+    device = model.device
+    schedule = model.schedule.respace(steps)
+    batch = len(seeds)
+    shape = (model.config.in_channels, model.image_size, model.image_size)
+    y = reference.float()
+    if y.dim() == 3:
+        y = y[None]
+    y = y.expand(batch, -1, -1, -1).to(device)
+    refine = conditioned_steps(schedule.timestep_map, int(stop_at))
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def randn() -> torch.Tensor:  # one slice per sample from its own CPU generator, as the sampler does
+        return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+
+    x = randn()
+    with torch.no_grad():
+        for i in reversed(range(schedule.num_steps)):
+            t = torch.full((batch,), int(schedule.timestep_map[i]), device=device, dtype=torch.long)
+            out = predict_step(schedule, model.diffusion, model.unet(x, t).float(), x, i)
+            z = randn()
+            eps = randn()
+            x = out.mean + (torch.exp(0.5 * out.log_variance) * z if i > 0 else 0.0)
+            if refine[i]:
+                abar_prev = float(schedule.alphas_cumprod_prev[i])
+                y_noisy = math.sqrt(abar_prev) * y + math.sqrt(1 - abar_prev) * eps
+                x = x - resize_right_lowpass(x, n_factor, kernel) + resize_right_lowpass(y_noisy, n_factor, kernel)
+            if on_step is not None:
+                on_step()
+    return x
+
+
+def synthetic_reference(size: int, channels: int = 3, seed: int = 0) -> torch.Tensor:
+    """A smooth deterministic image in [-1, 1] (timings do not depend on the content)."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(1, channels, 8, 8, generator=g) * 2 - 1
+    return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)[0]
+
+
+# ----------------------------------------------------------------------------- measuring
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class CpuPeakRss:
+    """Peak RSS growth of this process while the block runs, sampled by a thread every `interval` s."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval = interval
+        self.peak_bytes: int | None = None
+        self.method = "RSS growth (/proc/self/statm, 2 ms samples, after malloc_trim)"
+
+    def __enter__(self) -> "CpuPeakRss":
+        gc.collect()
+        _malloc_trim()
+        self._start = _rss_bytes()
+        if self._start is None:  # no /proc: fall back on ru_maxrss (only meaningful for a new high)
+            import resource
+
+            self.method = "ru_maxrss delta (a high-water mark: 0 unless this run set a new peak)"
+            self._ru_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            return self
+        self._max = self._start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            rss = _rss_bytes()
+            if rss is not None and rss > self._max:
+                self._max = rss
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc) -> None:
+        if self._start is None:
+            import resource
+            import sys
+
+            unit = 1 if sys.platform == "darwin" else 1024
+            self.peak_bytes = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - self._ru_start) * unit
+            return
+        self._stop.set()
+        self._thread.join()
+        rss = _rss_bytes()
+        self.peak_bytes = max(self._max, rss or 0) - self._start
+
+
+STATS = ("step-median", "median", "min")
+
+
+def _stat(times: Sequence[float], stat: str) -> float:
+    return min(times) if stat == "min" else statistics.median(times)
+
+
+def _param_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+@dataclass
+class Variant:
+    label: str
+    run: Callable[[int, Callable[[], None] | None], torch.Tensor]  # (steps, on_step) -> samples
+    weights_bytes: int
+    dtype: str
+    wall_s: list[float] = field(default_factory=list)  # wall-clock seconds per timed run
+    cpu_s: list[float] = field(default_factory=list)  # CPU seconds of this process per timed run
+    step_wall_s: list[float] = field(default_factory=list)  # every single step of every timed run
+    step_cpu_s: list[float] = field(default_factory=list)
+    peak_bytes: int | None = None
+    output: torch.Tensor | None = None
+
+    def seconds_per_run(self, steps: int, stat: str, clock: str) -> float:
+        """One run of `steps` steps: a statistic of the timed runs, or the median step times `steps`
+        (steady against bursts of other load, as every step does the same work)."""
+        if stat == "step-median":
+            return statistics.median(self.step_cpu_s if clock == "cpu" else self.step_wall_s) * steps
+        return _stat(self.cpu_s if clock == "cpu" else self.wall_s, stat)
+
+    def row(self, batch: int, steps: int, stat: str = "median", clock: str = "wall") -> dict[str, Any]:
+        t = self.seconds_per_run(steps, stat, clock)
+        return {"variant": self.label, "dtype": self.dtype, "wall_s": [round(v, 4) for v in self.wall_s],
+                "cpu_s": [round(v, 4) for v in self.cpu_s],
+                "step_ms": {f"{clock}_{name}": 1000 * fn(steps_) for clock, steps_ in
+                            (("wall", self.step_wall_s), ("cpu", self.step_cpu_s)) if steps_
+                            for name, fn in (("median", statistics.median), ("min", min))},
+                "s_per_run": t, "s_per_sample": t / batch, "steps_per_s": steps / t,
+                "ms_per_step_per_sample": 1000 * t / steps / batch,
+                f"s_per_sample_{FULL_STEPS}_extrapolated": t / batch * FULL_STEPS / steps,
+                "peak_mib": None if self.peak_bytes is None else self.peak_bytes / 2 ** 20}
+
+
+def _time_ilvr_work(size: int, batch: int, n_factor: int, kernel: str, device: torch.device, iters: int = 20,
+                    rounds: int = 5) -> dict[str, float]:
+    """Milliseconds per step of ILVR's own work (everything a step adds to the unconditional one), best of
+    `rounds` rounds of `iters`: a micro-benchmark, far steadier than the difference of two whole runs.
+
+    ours:  draw eps, y_{t-1} = a y + b eps, x + phi(y_{t-1} - x)      (phi once, as two matmuls)
+    plain: draw eps, y_noisy = a y + b eps, x - phi(x) + phi(y_noisy)  (resize-right down+up twice)
+    The *_phi entries time the low-pass part alone.
+    """
+    from .sampler import _noise  # the sampler's own per-sample CPU noise
+
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randn(batch, 3, size, size, device=device)
+    gens = [torch.Generator().manual_seed(k) for k in range(batch)]
+    lowpass = LowPass(size, size, n_factor, kernel, device=device)
+    a, b = math.sqrt(0.5), math.sqrt(0.5)
+    fns = {
+        "ours": lambda: x + lowpass(a * y + b * _noise(gens, x.shape[1:], device) - x),
+        "plain": lambda: (x - resize_right_lowpass(x, n_factor, kernel)
+                          + resize_right_lowpass(a * y + b * _noise(gens, x.shape[1:], device), n_factor, kernel)),
+        "ours_phi": lambda: x + lowpass(y - x),
+        "plain_phi": lambda: x - resize_right_lowpass(x, n_factor, kernel) + resize_right_lowpass(y, n_factor, kernel),
+    }
+    out = {}
+    with torch.inference_mode():
+        for name, fn in fns.items():
+            fn()
+            best = float("inf")
+            for _ in range(rounds):
+                _sync(device)
+                t0 = time.perf_counter()
+                for _ in range(iters):
+                    fn()
+                _sync(device)
+                best = min(best, (time.perf_counter() - t0) / iters)
+            out[name] = 1000 * best
+    return out
+
+
+def _run_sequential(variants: list[Variant], steps: int, device: torch.device, first: int = 0) -> None:
+    """One timed run of each variant after the other (rotated by `first`, to spread slow drifts)."""
+    for v in variants[first:] + variants[:first]:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+        marks = []  # (wall, cpu) at the start and after every step; only meaningful where the work is
+        # synchronous, i.e. not on CUDA
+        mark = (lambda: marks.append((time.perf_counter(), time.process_time()))) if device.type != "cuda" else None
+        _sync(device)
+        c0, t0 = time.process_time(), time.perf_counter()
+        marks.append((t0, c0))
+        v.output = v.run(steps, mark)
+        _sync(device)
+        v.wall_s.append(time.perf_counter() - t0)
+        v.cpu_s.append(time.process_time() - c0)
+        v.step_wall_s += [b[0] - a[0] for a, b in zip(marks, marks[1:])]
+        v.step_cpu_s += [b[1] - a[1] for a, b in zip(marks, marks[1:])]
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device) - before + v.weights_bytes
+            v.peak_bytes = max(v.peak_bytes or 0, peak)
+
+
+def bench_setup(model: DiffusionModel, *, label: str, weights_note: str, batch: int, steps: int, repeats: int,
+                n_factor: int, kernel: str, fast_dtype: torch.dtype, channels_last: bool, compile: bool,
+                compile_mode: str | None, seed: int = 0, full_steps: int = 0, stat: str = "median",
+                clock: str = "wall", log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Time unconditional / ours / plain for one model, device and batch size. Returns a result dict."""
+    device = model.device
+    fast = make_fast(model, dtype=fast_dtype, channels_last=channels_last, compile=compile, compile_mode=compile_mode)
+    fp32 = torch.float32
+    reference = synthetic_reference(model.image_size, model.config.in_channels, seed)
+    seeds = [seed + k for k in range(batch)]
+    dname = lambda d: str(d).replace("torch.", "").replace("float", "fp").replace("bfp16", "bf16")  # noqa: E731
+    wbytes = _param_bytes(model.unet)
+
+    def hook(on_step):
+        return None if on_step is None else (lambda info: on_step())
+
+    def ours(m):
+        return lambda s, on_step=None: sample(m, reference, seeds=seeds, n_factor=n_factor, kernel=kernel, steps=s,
+                                              progress=hook(on_step))
+
+    def uncond(s, on_step=None):
+        return sample(fast, None, seeds=seeds, steps=s, progress=hook(on_step))
+
+    variants = [Variant("unconditional", uncond, wbytes, dname(fast_dtype)),
+                Variant("ILVR, ours (fast path)", ours(fast), wbytes, dname(fast_dtype))]
+    if fast_dtype != fp32:  # separate what the dtype buys from what the rest of the fast path buys
+        variants.append(Variant("ILVR, ours in fp32", ours(make_fast(model, dtype=fp32, channels_last=channels_last,
+                                                                    compile=compile, compile_mode=compile_mode)),
+                                wbytes, "fp32"))
+    variants.append(Variant("ILVR, plain loop (official style)",
+                            lambda s, on_step=None: plain_ilvr(model, reference, seeds=seeds, n_factor=n_factor,
+                                                               kernel=kernel, steps=s, on_step=on_step),
+                            wbytes, "fp32"))
+
+    # warm-up: allocator, oneDNN/cuDNN algorithm choice, and torch.compile's compilation
+    t0 = time.perf_counter()
+    for v in variants:
+        v.run(2, None)
+    _sync(device)
+    warmup_s = time.perf_counter() - t0
+    log(f"  warm-up {warmup_s:.1f} s")
+
+    for r in range(repeats):
+        _run_sequential(variants, steps, device, first=r % len(variants))
+        log(f"  repeat {r + 1}/{repeats}: " + ", ".join(f"{v.label} {v.wall_s[-1]:.2f} s (cpu {v.cpu_s[-1]:.2f} s)"
+                                                       for v in variants))
+
+    mem_method = "torch.cuda.max_memory_allocated during the run - allocated before + weights"
+    if device.type != "cuda":
+        mem_steps = min(steps, 4)
+        for v in variants:
+            with CpuPeakRss() as meter:
+                v.run(mem_steps, None)
+            v.peak_bytes = None if meter.peak_bytes is None else meter.peak_bytes + v.weights_bytes
+            mem_method = f"{meter.method} + weights, separate {mem_steps}-step pass"
+
+    rows = [v.row(batch, steps, stat, clock) for v in variants]
+    by = {v.label: v for v in variants}
+    t = {v.label: v.seconds_per_run(steps, stat, clock) for v in variants}
+    uncond, ours_t = t["unconditional"], t["ILVR, ours (fast path)"]
+    plain_t = t["ILVR, plain loop (official style)"]
+    diff = (by["ILVR, ours (fast path)"].output - by["ILVR, plain loop (official style)"].output).abs().max().item()
+    result = {
+        "setup": label, "model": model.name, "weights": weights_note, "parameters": count_parameters(model.unet),
+        "image_size": model.image_size, "device": str(device), "batch": batch, "steps": steps, "repeats": repeats,
+        "stat": stat, "clock": clock,
+        "N": n_factor, "filter": kernel, "fast_dtype": dname(fast_dtype), "channels_last": channels_last,
+        "compile": compile_mode or "default" if compile else False, "warmup_s": warmup_s, "memory": mem_method,
+        "rows": rows, "ilvr_overhead": ours_t / uncond - 1, "ours_vs_plain": ours_t / plain_t,
+        "max_abs_diff_ours_vs_plain": diff,
+        "ilvr_work_ms_per_step": _time_ilvr_work(model.image_size, batch, n_factor, kernel, device),
+    }
+    if full_steps:
+        _sync(device)
+        c0, t0 = time.process_time(), time.perf_counter()
+        sample(fast, reference, seeds=[seed], n_factor=n_factor, kernel=kernel, steps=full_steps)
+        _sync(device)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        result["full"] = {"steps": full_steps, "batch": 1, "variant": "ILVR, ours (fast path)", "wall_s": wall,
+                          "cpu_s": cpu, "seconds": cpu if clock == "cpu" else wall}
+        log(f"  real {full_steps}-step ILVR sample at batch 1: {wall:.2f} s wall, {cpu:.2f} s CPU")
+    try:
+        result["load_average_1min_after"] = os.getloadavg()[0]
+    except OSError:
+        pass
+    return result
+
+
+# ----------------------------------------------------------------------------- report
+
+def format_result(res: dict[str, Any]) -> str:
+    b, steps = res["batch"], res["steps"]
+    extras = [f"channels_last" if res["channels_last"] else "", f"compile={res['compile']}" if res["compile"] else ""]
+    extras = ", ".join(e for e in extras if e)
+    lines = [
+        f"== {res['setup']}: {res['model']} ({res['weights']}, {res['parameters'] / 1e6:.1f} M params, "
+        f"{res['image_size']} px) on {res['device']}, batch {b}, {steps} steps, N={res['N']} {res['filter']}, "
+        f"{res['repeats']} timed runs each, {res['stat']}, {res['clock']} clock" + (f", {extras}" if extras else ""),
+        f"{'variant':34s} {'dtype':5s} {'s/sample':>9s} {'steps/s':>8s} {'ms/step/img':>11s} "
+        f"{'s/sample@' + str(FULL_STEPS) + '*':>14s} {'peak MiB':>9s} {'vs uncond':>9s} {'vs plain':>8s}",
+    ]
+    rows = {r["variant"]: r for r in res["rows"]}
+    uncond = rows["unconditional"]["s_per_run"]
+    plain = rows["ILVR, plain loop (official style)"]["s_per_run"]
+    for r in res["rows"]:
+        peak = "n/a" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
+        lines.append(f"{r['variant']:34s} {r['dtype']:5s} {r['s_per_sample']:9.3f} {r['steps_per_s']:8.2f} "
+                     f"{r['ms_per_step_per_sample']:11.1f} {r[f's_per_sample_{FULL_STEPS}_extrapolated']:14.2f} "
+                     f"{peak:>9s} {r['s_per_run'] / uncond:9.3f} {r['s_per_run'] / plain:7.2f}x")
+    work = res["ilvr_work_ms_per_step"]
+    step_ms = 1000 * uncond / steps  # one unconditional step of the whole batch
+    lines += [
+        f"ILVR overhead over unconditional: {100 * res['ilvr_overhead']:+.1f}%   "
+        f"ours vs plain loop: {res['ours_vs_plain']:.2f}x   max |ours - plain| = {res['max_abs_diff_ours_vs_plain']:.2e}",
+        f"ILVR's own work per step (micro-benchmark, batch {b}): ours {work['ours']:.3f} ms "
+        f"(= {100 * work['ours'] / step_ms:.2f}% of an unconditional step), plain {work['plain']:.3f} ms "
+        f"(= {100 * work['plain'] / step_ms:.1f}%); phi_N part: ours {work['ours_phi']:.3f} ms once as matrices, "
+        f"plain {work['plain_phi']:.3f} ms as resize-right down+up twice",
+        f"steps/s = sampler steps per second for the whole batch; * = extrapolated from {steps} steps; "
+        f"peak memory: {res['memory']}; warm-up {res['warmup_s']:.1f} s"
+        + (f"; load average {res['load_average_1min_after']:.1f} after" if "load_average_1min_after" in res else ""),
+    ]
+    if "full" in res:
+        f = res["full"]
+        lines.append(f"real {f['steps']}-step ILVR sample (ours), batch 1: {f['seconds']:.2f} s {res['clock']} "
+                     f"({f['steps'] / f['seconds']:.1f} steps/s; wall {f['wall_s']:.2f} s, CPU {f['cpu_s']:.2f} s)"
+                     " -- measured, not extrapolated")
+    return "\n".join(lines)
+
+
+def environment() -> dict[str, Any]:
+    env = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "cpu_count": os.cpu_count()}
+    try:
+        env["load_average_1min"] = os.getloadavg()[0]
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        env["cuda_device"] = torch.cuda.get_device_name()
+    return env
+
+
+def format_environment(env: dict[str, Any]) -> str:
+    s = (f"ILVR Studio speed benchmark -- torch {env['torch']}, {env['threads']} CPU thread(s) "
+         f"(OMP_NUM_THREADS={env['OMP_NUM_THREADS']}), {env['cpu_count']} CPU(s)")
+    if "load_average_1min" in env:
+        s += f", load average {env['load_average_1min']:.1f} at start"
+    if "cuda_device" in env:
+        s += f", GPU: {env['cuda_device']}"
+    return s
+
+
+# ----------------------------------------------------------------------------- command line
+
+def add_arguments(p) -> None:
+    p.add_argument("--models", default="auto",
+                   help="comma list of 'bundled' (emoji64 or --model) and 'adm256' (the ILVR authors' FFHQ-P2 "
+                        "architecture, random weights). auto: bundled, plus adm256 when CUDA is present")
+    p.add_argument("--model", default="emoji64", help="source of the 'bundled' setup (default emoji64)")
+    p.add_argument("--device", default="auto",
+                   help="auto: bundled on CPU, adm256 on CUDA; or cpu / cuda / cuda:1 for every setup")
+    p.add_argument("--steps", type=int, default=50, help="timed steps per run (default 50; figures per step are "
+                                                           f"extrapolated to {FULL_STEPS})")
+    p.add_argument("--full-steps", type=int, default=FULL_STEPS,
+                   help=f"also time one real run of this many steps, batch 1, on the bundled setup (0 = skip; default {FULL_STEPS})")
+    p.add_argument("--batch", default=None, help="comma list of batch sizes (default: 1 for bundled, 1,8 for adm256)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per variant (default 3)")
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="wall (default) or cpu: this process's CPU time (time.process_time), which on a shared "
+                        "machine leaves out the time other processes held the core; only meaningful with 1 thread "
+                        "(with more it sums the threads) and on CPU")
+    p.add_argument("--stat", default="auto", choices=["auto", *STATS],
+                   help="how a run's time is taken from the repeats: step-median (the median single step of all "
+                        "timed runs, times the steps: steady against bursts of other load), median or min of the "
+                        "whole runs. auto (default): step-median on CPU, median on CUDA (steps are asynchronous there)")
+    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
+                   help="compute dtype of our fast path (default fp16 on CUDA, fp32 on CPU); the plain loop is always fp32")
+    p.add_argument("--N", dest="n_factor", type=int, default=None, help="low-pass factor (default: the translation preset for the size)")
+    p.add_argument("--filter", default="cubic", help="resize-right kernel")
+    p.add_argument("--channels-last", action="store_true", help="fast path: UNet in channels_last memory format")
+    p.add_argument("--compile", action="store_true", help="fast path: torch.compile the UNet (compile time reported as warm-up)")
+    p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
+                   help="torch.compile mode; reduce-overhead uses CUDA graphs")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, i.e. OMP_NUM_THREADS)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", dest="json_out", default=None, help="also write the results as JSON here")
+
+
+def _dtype(name: str | None, device: torch.device) -> torch.dtype:
+    if name is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def run(args, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The ``bench`` command: run every setup, print the tables, return (and optionally save) the results."""
+    from .loading import resolve_device
+    from .registry import scaled_factor
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.steps < 2 or args.repeats < 1:
+        raise ValueError("--steps must be >= 2 and --repeats >= 1")
+    cuda = torch.cuda.is_available()
+    models = ["bundled", "adm256"] if args.models == "auto" and cuda else (
+        ["bundled"] if args.models == "auto" else [m.strip() for m in args.models.split(",") if m.strip()])
+    unknown = set(models) - {"bundled", "adm256"}
+    if unknown:
+        raise ValueError(f"unknown --models entries {sorted(unknown)}; use bundled and/or adm256")
+    env = environment()
+    log(format_environment(env))
+    results = []
+    for name in models:
+        if args.device == "auto":
+            device = torch.device("cuda" if name == "adm256" and cuda else "cpu")
+        else:
+            device = resolve_device(args.device)
+        if name == "bundled":
+            model, note = bundled_model(args.model, device)
+            label, batches = "bundled model", [1]
+        else:
+            unet_cfg, diffusion = ffhq_p2_configs()
+            model, note = random_model(unet_cfg, diffusion, device=device, name="adm256-ffhq-p2"), "random weights"
+            label, batches = "256x256 ADM (FFHQ-P2 architecture)", [1, 8]
+        if args.batch:
+            batches = [int(b) for b in str(args.batch).split(",") if b.strip()]
+        n_factor = args.n_factor or scaled_factor("translation", model.image_size)
+        clock = args.clock
+        if clock == "cpu" and (device.type != "cpu" or torch.get_num_threads() != 1):
+            log("  --clock cpu needs a CPU device and 1 thread; using the wall clock for this setup")
+            clock = "wall"
+        stat = args.stat
+        if stat == "auto" or (stat == "step-median" and device.type == "cuda"):
+            stat = "median" if device.type == "cuda" else "step-median"
+        for k, batch in enumerate(batches):
+            log(f"{label}, batch {batch} on {device} ...")
+            res = bench_setup(model, label=label, weights_note=note, batch=batch, steps=args.steps, repeats=args.repeats,
+                              n_factor=n_factor, kernel=args.filter, fast_dtype=_dtype(args.dtype, device),
+                              channels_last=args.channels_last, compile=args.compile, compile_mode=args.compile_mode,
+                              seed=args.seed, full_steps=args.full_steps if name == "bundled" and k == 0 else 0,
+                              stat=stat, clock=clock, log=log)
+            results.append(res)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    log("")
+    for res in results:
+        log(format_result(res))
+        log("")
+    if not cuda:
+        log("no CUDA device here: the 256x256 ADM figures need a GPU (run `python -m ilvr bench` on one).")
+    out = {"environment": env, "results": results}
+    if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(json.dumps(out, indent=2))
+        log(f"wrote {args.json_out}")
+    return out

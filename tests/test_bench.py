@@ -1,0 +1,96 @@
+"""The benchmark's straightforward loop and our fast path draw the same samples; `bench` runs end to end.
+
+CPU only, tiny random model, no timing assertions.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ilvr import bench
+from ilvr.cli import main
+from ilvr.network import UNetConfig
+from ilvr.sampler import sample
+from ilvr.schedule import DiffusionConfig
+
+TINY = UNetConfig(image_size=32, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
+                  num_head_channels=32)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return bench.random_model(TINY, DiffusionConfig(), name="tiny", seed=0)
+
+
+def _reference(seed: int = 3) -> torch.Tensor:
+    return bench.synthetic_reference(32, 3, seed)
+
+
+@pytest.mark.parametrize("n_factor,kernel,stop_at", [(4, "cubic", 0), (8, "lanczos3", 0), (2, "cubic", 600)])
+def test_fast_path_matches_plain_loop(tiny_model, n_factor, kernel, stop_at):
+    ref = _reference()
+    seeds = [11, 12]
+    ours = sample(tiny_model, ref, seeds=seeds, n_factor=n_factor, kernel=kernel, steps=8, stop_at=stop_at)
+    plain = bench.plain_ilvr(tiny_model, ref, seeds=seeds, n_factor=n_factor, kernel=kernel, steps=8, stop_at=stop_at)
+    assert ours.dtype == plain.dtype == torch.float32
+    assert ours.shape == plain.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(ours, plain, atol=1e-4, rtol=1e-4)
+
+
+def test_fast_path_matches_plain_loop_per_sample_references(tiny_model):
+    refs = torch.stack([_reference(1), _reference(2)])
+    ours = sample(tiny_model, refs, seeds=[5, 6], n_factor=4, steps=6)
+    plain = bench.plain_ilvr(tiny_model, refs, seeds=[5, 6], n_factor=4, steps=6)
+    torch.testing.assert_close(ours, plain, atol=1e-4, rtol=1e-4)
+
+
+def test_channels_last_fast_model_matches_plain_loop(tiny_model):
+    fast = bench.make_fast(tiny_model, channels_last=True)
+    assert fast.unet is not tiny_model.unet  # the plain model keeps its own contiguous fp32 UNet
+    assert next(tiny_model.unet.parameters()).is_contiguous()
+    ref = _reference()
+    ours = sample(fast, ref, seeds=[7], n_factor=4, steps=6)
+    plain = bench.plain_ilvr(tiny_model, ref, seeds=[7], n_factor=4, steps=6)
+    torch.testing.assert_close(ours, plain, atol=1e-4, rtol=1e-4)
+
+
+def test_plain_loop_is_seeded_and_uses_the_reference(tiny_model):
+    ref = _reference()
+    a = bench.plain_ilvr(tiny_model, ref, seeds=[1], n_factor=4, steps=4)
+    b = bench.plain_ilvr(tiny_model, ref, seeds=[1], n_factor=4, steps=4)
+    c = bench.plain_ilvr(tiny_model, ref, seeds=[2], n_factor=4, steps=4)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert (a - c).abs().max() > 1e-3
+    # the last step is conditioned on the clean reference: with N=1 (no filtering) it comes back exactly
+    same = bench.plain_ilvr(tiny_model, ref, seeds=[1], n_factor=1, steps=4)
+    torch.testing.assert_close(same, ref[None], atol=1e-5, rtol=0)
+
+
+def test_bench_command_prints_the_table(tiny_model, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(bench, "bundled_model", lambda source, device: (tiny_model, "random weights (test)"))
+    out_json = tmp_path / "bench.json"
+    rc = main(["bench", "--device", "cpu", "--steps", "2", "--repeats", "2", "--full-steps", "3", "--N", "4",
+               "--json", str(out_json)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    for needle in ("unconditional", "ILVR, ours (fast path)", "ILVR, plain loop (official style)", "s/sample",
+                   "steps/s", "peak MiB", "vs uncond", "vs plain", "ILVR overhead over unconditional",
+                   "real 3-step ILVR sample", "extrapolated"):
+        assert needle in text, needle
+    data = json.loads(out_json.read_text())
+    (res,) = data["results"]
+    assert res["batch"] == 1 and res["steps"] == 2 and res["device"] == "cpu"
+    assert [r["variant"] for r in res["rows"]] == ["unconditional", "ILVR, ours (fast path)",
+                                                    "ILVR, plain loop (official style)"]
+    for row in res["rows"]:
+        assert len(row["wall_s"]) == len(row["cpu_s"]) == 2 and row["s_per_sample"] > 0 and row["steps_per_s"] > 0
+        assert row["peak_mib"] is None or row["peak_mib"] > 0
+    assert res["max_abs_diff_ours_vs_plain"] < 1e-3
+    assert res["full"]["steps"] == 3
+
+
+def test_bench_rejects_unknown_setup(capsys):
+    assert main(["bench", "--models", "bogus", "--steps", "2"]) == 2
+    assert "unknown --models" in capsys.readouterr().err
