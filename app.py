@@ -1,0 +1,460 @@
+"""ILVR Studio: a Gradio app for ILVR (Choi et al., ICCV 2021) on unconditional diffusion models.
+
+UI wiring only: the sampling maths lives in ilvr/, the app's helpers (model cache, jobs with
+streamed previews, scribble masks, result files) in ilvr/app_support.py.
+
+    python app.py                 # http://127.0.0.1:7860, bundled 64 px emoji model, CPU is fine
+    python app.py --share         # also a temporary public gradio.live link
+    python app.py --host 0.0.0.0 --port 8080
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
+
+import argparse  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import gradio as gr  # noqa: E402
+from PIL import Image, UnidentifiedImageError  # noqa: E402
+
+from ilvr import app_support as S  # noqa: E402
+from ilvr.filters import KERNELS, valid_factors  # noqa: E402
+from ilvr.loading import ModelLoadError  # noqa: E402
+from ilvr.registry import (BUNDLED, BY_NAME, DEFAULT_MODEL, MODELS, SCRIBBLE_STOP_AT,  # noqa: E402
+                           generation_factors, scaled_factor)
+from ilvr.sampler import Cancelled, validate_steps  # noqa: E402
+
+try:  # ZeroGPU on Hugging Face Spaces; a no-op everywhere else
+    import spaces
+
+    gpu = spaces.GPU(duration=180)
+except Exception:  # noqa: BLE001 - the package is optional
+    def gpu(fn):
+        return fn
+
+HERE = Path(__file__).resolve().parent
+EXAMPLES = HERE / "examples"
+CACHE = S.ModelCache()
+STOPS = S.StopFlags()
+DEFAULT_SIZE = BY_NAME[DEFAULT_MODEL].image_size
+LONG_RUN_S = 15 * 60  # warn before runs estimated longer than this
+STEP_CHOICES = ["10", "25", "50", "100", "250", "500", "1000", "ddim50", "ddim100"]
+BRUSH_COLORS = ["#202020", "#ffffff", "#e8283c", "#ff8c1a", "#ffcc33", "#5cb85c", "#2f7de1", "#9b59b6",
+                "#f5a3c7", "#8b5a2b", "#f1c27d", "#c68642"]
+CSS = """
+.ilvr-explain {font-size: 0.95em; opacity: 0.9}
+.ilvr-grid img {image-rendering: pixelated}
+"""
+
+
+# ----------------------------------------------------------------------------- upload components
+def friendly(component):
+    """Make an image input turn unreadable uploads (not an image, corrupt, decompression bomb) into a
+    clear gr.Error instead of a bare traceback. (Wrapping the instance, not subclassing: Gradio writes
+    a .pyi stub next to any module that subclasses a component.)"""
+    preprocess = component.preprocess
+
+    def safe_preprocess(payload):
+        try:
+            return preprocess(payload)
+        except gr.Error:
+            raise
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
+            raise gr.Error(f"The uploaded file is not an image this app can read ({type(e).__name__}). "
+                           "Use a PNG, JPEG or WebP.", title="Unreadable image") from e
+
+    component.preprocess = safe_preprocess
+    return component
+
+
+# ----------------------------------------------------------------------------- handlers
+def _message(e: Exception) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text[0].upper() + text[1:]
+
+
+def _model(choice: str, path: str):
+    try:
+        return CACHE.get(S.model_source(choice, path))
+    except ModelLoadError as e:
+        raise gr.Error(_message(e), title="Model not loaded") from e
+
+
+def _presets(size: int) -> dict[str, int]:
+    return {task: scaled_factor(task, size) for task in ("generation", "translation", "paint", "scribble")}
+
+
+def _factor_choices(size: int) -> list[int]:
+    return [n for n in valid_factors(size) if n <= size // 2] or [1]
+
+
+def load_model(choice: str, path: str):
+    """Load (download on first use) the picked model; update the status and the N presets."""
+    source = S.model_source(choice, path)
+    if CACHE.cached(source) is None:
+        hub = source not in BUNDLED and not Path(source).expanduser().exists()
+        yield (f"Loading `{source}` …" + (" (first use downloads it from the Hugging Face Hub; "
+                                          "this can take a few minutes)" if hub else ""),) + (gr.skip(),) * 5
+    try:
+        model = CACHE.get(source)
+    except ModelLoadError as e:
+        yield (f"**Not loaded:** {e}",) + (gr.skip(),) * 5
+        raise gr.Error(_message(e), title="Model not loaded") from e
+    size = model.image_size
+    p = _presets(size)
+    choices = _factor_choices(size)
+    yield (S.model_markdown(model, p),
+           gr.update(value=", ".join(str(n) for n in generation_factors(size))),
+           gr.update(choices=choices, value=p["generation"]),
+           gr.update(choices=choices, value=p["translation"]),
+           gr.update(choices=choices, value=p["paint"]),
+           gr.update(choices=choices, value=p["scribble"]))
+
+
+def _stream(job_fn, choice: str, path: str, request: gr.Request | None, progress: gr.Progress):
+    """Shared body of the four sampling events: build the job, stream previews, save the results."""
+    model = _model(choice, path)
+    try:
+        job, warnings = job_fn(model)
+    except ValueError as e:  # ImageError is a ValueError
+        raise gr.Error(_message(e), title="Check the inputs") from e
+    for w in warnings:
+        gr.Warning(w)
+    estimate = CACHE.seconds_per_image_step(model) * job.image_steps(model)
+    if estimate > LONG_RUN_S:
+        gr.Warning(f"This run will take {S.estimate_text(estimate)} on {S.device_label(model)}. "
+                   "Fewer steps (Advanced settings, e.g. 50) or fewer samples are much faster.")
+    n_images = len(job.rows) * len(job.seeds)
+    header = (f"Sampling {n_images} image{'s' if n_images > 1 else ''} × {validate_steps(model, job.steps)} steps "
+              f"on {S.device_label(model)}: estimated {S.estimate_text(estimate)}.")
+    yield gr.skip(), gr.skip(), gr.skip(), header
+    session = _stop_key(request, job.task)
+    stop = STOPS.register(session)
+    runner = S.run_job(model, job, stop)
+    try:
+        while True:
+            try:
+                update = next(runner)
+            except StopIteration as finished:
+                result = finished.value
+                break
+            progress((update.done, update.total), desc=update.desc, unit="steps")
+            eta = f" · about {S.estimate_text(update.eta_s).removeprefix('about ')} left" if update.eta_s else ""
+            bar = S.text_bar(update.done, update.total)
+            yield update.preview, gr.skip(), gr.skip(), f"{header}\n\n{bar} {update.desc}{eta}"
+    except Cancelled:
+        gr.Warning("Sampling cancelled.")
+        yield gr.skip(), gr.skip(), gr.skip(), "Cancelled."
+        return
+    except ValueError as e:
+        raise gr.Error(_message(e), title="Check the inputs") from e
+    finally:
+        runner.close()
+        STOPS.release(session, stop)
+    CACHE.record_speed(model, result.elapsed_s, job.image_steps(model))
+    saved = S.save_result(result, model)
+    yield saved.grid, saved.gallery, saved.files, saved.summary
+
+
+@gpu
+def run_generation(choice, path, image, mode, factors, range_n, stops, samples, steps, stop_at, kernel, sampler,
+                   seed, request: gr.Request = None, progress=gr.Progress()):
+    """N-factor generation: a grid with one row per N (paper Fig. 4) or per conditioning range (Fig. 5)."""
+    yield from _stream(lambda m: (S.generation_job(m, image, mode, factors, range_n, stops, samples, steps,
+                                                   stop_at, kernel, sampler, seed), []),
+                       choice, path, request, progress)
+
+
+@gpu
+def run_translation(choice, path, image, n, samples, steps, stop_at, kernel, sampler, seed,
+                    request: gr.Request = None, progress=gr.Progress()):
+    """Domain translation: samples of the model's domain that share the reference's coarse structure."""
+    yield from _stream(lambda m: (S.translation_job(m, image, n, samples, steps, stop_at, kernel, sampler, seed), []),
+                       choice, path, request, progress)
+
+
+@gpu
+def run_paint(choice, path, source, image, sketch, n, samples, steps, stop_at, kernel, sampler, seed,
+              request: gr.Request = None, progress=gr.Progress()):
+    """Paint-to-image: a painting or clip-art (uploaded or sketched) turned into the model's domain."""
+    yield from _stream(lambda m: (S.paint_job(m, source, image, sketch, n, samples, steps, stop_at, kernel,
+                                              sampler, seed), []),
+                       choice, path, request, progress)
+
+
+@gpu
+def run_scribble(choice, path, editor, n, keep_unedited, samples, steps, stop_at, kernel, sampler, seed,
+                 request: gr.Request = None, progress=gr.Progress()):
+    """Scribble editing: colour strokes on an image become realistic edits (ILVR on steps T -> stop)."""
+    yield from _stream(lambda m: S.scribble_job(m, editor, n, keep_unedited, samples, steps, stop_at, kernel,
+                                                sampler, seed),
+                       choice, path, request, progress)
+
+
+def _stop_key(request: gr.Request | None, task: str) -> str | None:
+    return f"{request.session_hash}:{task}" if request is not None and request.session_hash else None
+
+
+def canceller(task: str):
+    """A Cancel handler for one tab: stops this browser session's sampler of that tab (the queue
+    also drops the tab's pending runs, through the event's `cancels`)."""
+    def cancel(request: gr.Request):
+        STOPS.cancel(_stop_key(request, task))
+    return cancel
+
+
+# ----------------------------------------------------------------------------- layout
+def advanced(prefix: str, samples: int, stop_at: int = 0, samples_label: str = "Number of samples",
+             stop_info: str = ""):
+    """The Advanced accordion shared by the tabs: steps, stop step, filter, sampler, seed, samples."""
+    with gr.Accordion("Advanced settings", open=False, elem_id=f"{prefix}-advanced"):
+        with gr.Row():
+            steps = gr.Dropdown(STEP_CHOICES, value="250", allow_custom_value=True, label="Steps",
+                                info="Respaced sampling steps (250 = paper quality; 25-50 = fast preview; "
+                                     "'ddim50' uses DDIM, which tends to blur with ILVR)", elem_id=f"{prefix}-steps")
+            stop = gr.Slider(0, 1000, value=stop_at, step=10, label="Stop step",
+                             info=stop_info or "Condition on the reference only from step 1000 down to this "
+                                               "step; later steps run free (0 = every step)",
+                             elem_id=f"{prefix}-stop")
+        with gr.Row():
+            kernel = gr.Dropdown(list(KERNELS), value="cubic", label="Filter (φ_N)",
+                                 info="resize-right kernel of the low-pass: down by N, back up")
+            sampler = gr.Radio(["ddpm", "ddim"], value="ddpm", label="Sampler")
+        with gr.Row():
+            seed = gr.Number(value=0, precision=0, label="Seed", info="sample k uses seed + k; -1 = random",
+                             elem_id=f"{prefix}-seed")
+            count = gr.Slider(1, S.MAX_SAMPLES, value=samples, step=1, label=samples_label,
+                              elem_id=f"{prefix}-samples")
+    return [count, steps, stop, kernel, sampler, seed]  # the order of the run_* parameters
+
+
+def outputs(prefix: str, label: str):
+    """Result area: status (progress, then seeds and settings), the labelled grid (live preview of the
+    predicted x0 while sampling), the samples, and the PNG files."""
+    info = gr.Markdown("Results, seeds and settings appear here.", elem_id=f"{prefix}-info", container=True,
+                       padding=True, min_height=56)
+    grid = gr.Image(label=f"{label} (live preview of the predicted x₀ while sampling)", type="pil", format="png",
+                    interactive=False, elem_classes="ilvr-grid", height=420, elem_id=f"{prefix}-grid")
+    gallery = gr.Gallery(label="Samples (PNG with settings embedded)", columns=8, fit_columns=False, height=230,
+                         format="png", elem_classes="ilvr-grid", object_fit="contain", elem_id=f"{prefix}-gallery")
+    files = gr.File(label="Download PNGs (seed and settings in each file's ilvr text chunk)",
+                    file_count="multiple", interactive=False, height=140, elem_id=f"{prefix}-files")
+    return [grid, gallery, files, info]
+
+
+def example_path(name: str) -> str:
+    return str(EXAMPLES / name)
+
+
+def scribble_example(name: str) -> dict:
+    return {"background": example_path(f"{name}_background.png"), "layers": [example_path(f"{name}_layer.png")],
+            "composite": example_path(f"{name}_composite.png")}
+
+
+def build_demo() -> gr.Blocks:
+    p = _presets(DEFAULT_SIZE)
+    choices = _factor_choices(DEFAULT_SIZE)
+    with gr.Blocks(title="ILVR Studio", delete_cache=(3600, 6 * 3600)) as demo:
+        gr.Markdown(
+            "# ILVR Studio\n"
+            "Iterative Latent Variable Refinement ([Choi et al., ICCV 2021](https://arxiv.org/abs/2108.02938)) "
+            "steers an unconditional diffusion model with a reference image, without any training: at every "
+            "denoising step the sample's low frequencies (the image shrunk by a factor **N** and blown back up) "
+            "are replaced by the reference's, noised to the same level. Small N copies the reference closely; "
+            "large N keeps only its rough layout and colours, and the model invents the rest.")
+        with gr.Row():
+            model_choice = gr.Dropdown([m.name for m in MODELS], value=DEFAULT_MODEL, label="Model", scale=2,
+                                       info="emoji64 is bundled and works offline; the others download "
+                                            "from the Hugging Face Hub on first use")
+            model_path = gr.Textbox("", label="…or a local checkpoint", scale=2, elem_id="model-path",
+                                    placeholder="path to a .pt / .safetensors file or a diffusers folder",
+                                    info="overrides the list when filled")
+            load_btn = gr.Button("Load model", scale=1, elem_id="load-model")
+        model_status = gr.Markdown("Loading the bundled model …", elem_id="model-status")
+
+        with gr.Tabs():
+            with gr.Tab("N-factor generation", id="generation"):
+                gr.Markdown(
+                    "One reference, many samples: each row uses a different **N** (paper Fig. 4). Samples share "
+                    "the reference's image shrunk by N: N=2 gives near copies, N=32 only the colours. The range "
+                    "sweep (Fig. 5) fixes N and varies the **stop step**: conditioning on steps 1000→s; a larger "
+                    "s leaves more late steps free, so fine details vary more.", elem_classes="ilvr-explain")
+                with gr.Row():
+                    with gr.Column(scale=2):
+                        gen_image = friendly(gr.Image(label="Reference", type="filepath", image_mode=None,
+                                                            sources=["upload", "clipboard"], height=260,
+                                                            elem_id="gen-image"))
+                        gen_mode = gr.Radio(list(S.GENERATION_MODES), value=S.GENERATION_MODES[0], label="Grid rows")
+                        gen_factors = gr.Textbox(", ".join(str(n) for n in generation_factors(DEFAULT_SIZE)),
+                                                 label="N values (one row each)",
+                                                 info="divisors of the model's image size, comma-separated",
+                                                 elem_id="gen-factors")
+                        with gr.Row(visible=False) as gen_range_row:
+                            gen_range_n = gr.Dropdown(choices, value=p["generation"], allow_custom_value=True,
+                                                      label="N for the range sweep")
+                            gen_stops = gr.Textbox("0, 250, 500, 750", label="Stop steps (one row each)",
+                                                   info="row s conditions on steps 1000→s")
+                        gen_adv = advanced("gen", 3, samples_label="Samples per row")
+                        with gr.Row():
+                            gen_btn = gr.Button("Generate grid", variant="primary", elem_id="gen-run")
+                            gen_cancel = gr.Button("Cancel", variant="stop", elem_id="gen-cancel")
+                    with gr.Column(scale=3):
+                        gen_out = outputs("gen", "Grid: rows = N")
+                gr.Examples([[example_path("noto_grinning_face.png")], [example_path("noto_fox.png")],
+                             [example_path("twemoji_sun_with_face.png")]], inputs=[gen_image],
+                            label="Examples (Noto Emoji, Apache-2.0; Twemoji, CC-BY-4.0)")
+
+            with gr.Tab("Domain translation", id="translation"):
+                gr.Markdown(
+                    "Give a reference from *another* domain (here: Twemoji drawings for a model trained on Noto "
+                    "emoji). **N** sets how much of it survives: the paper uses N=32 at 256 px (scaled to your "
+                    "model); lower N follows the reference more, higher N looks more like the model's own images. "
+                    "The **stop step** ends conditioning early (0 = all steps).", elem_classes="ilvr-explain")
+                with gr.Row():
+                    with gr.Column(scale=2):
+                        tr_image = friendly(gr.Image(label="Reference (any domain)", type="filepath", image_mode=None,
+                                                           sources=["upload", "clipboard"], height=260,
+                                                           elem_id="tr-image"))
+                        tr_n = gr.Dropdown(choices, value=p["translation"], allow_custom_value=True, label="N",
+                                           info="low-pass factor; must divide the image size")
+                        tr_adv = advanced("tr", 4)
+                        with gr.Row():
+                            tr_btn = gr.Button("Translate", variant="primary", elem_id="tr-run")
+                            tr_cancel = gr.Button("Cancel", variant="stop", elem_id="tr-cancel")
+                    with gr.Column(scale=3):
+                        tr_out = outputs("tr", "Translations")
+                gr.Examples([[example_path("twemoji_cat_face.png")], [example_path("twemoji_frog.png")],
+                             [example_path("twemoji_sun_with_face.png")]], inputs=[tr_image],
+                            label="Examples (Twemoji by Twitter, CC-BY-4.0)")
+
+            with gr.Tab("Paint-to-image", id="paint"):
+                gr.Markdown(
+                    "Upload a painting or clip-art, or paint one on the sketch pad: flat colour regions become "
+                    "realistic images. A large **N** (paper: 64 at 256 px, scaled) keeps only the colour layout, "
+                    "so brush strokes turn into model-like texture; the **stop step** frees the last steps.",
+                    elem_classes="ilvr-explain")
+                with gr.Row():
+                    with gr.Column(scale=2):
+                        paint_source = gr.Radio(list(S.PAINT_SOURCES), value=S.PAINT_SOURCES[0],
+                                                label="Reference from", elem_id="paint-source")
+                        with gr.Tabs():
+                            with gr.Tab("Upload a painting"):
+                                paint_image = friendly(gr.Image(label="Painting / clip-art", type="filepath",
+                                                                image_mode=None, sources=["upload", "clipboard"],
+                                                                height=260, elem_id="paint-image"))
+                            with gr.Tab("Sketch pad"):
+                                paint_pad = friendly(gr.Sketchpad(label="Paint here (white background)", type="pil",
+                                                              image_mode="RGBA", canvas_size=(256, 256), height=340,
+                                                              layers=False,
+                                                              brush=gr.Brush(colors=BRUSH_COLORS, default_size=18,
+                                                                             default_color="#ffcc33"),
+                                                              elem_id="paint-pad"))
+                        paint_n = gr.Dropdown(choices, value=p["paint"], allow_custom_value=True, label="N",
+                                              info="low-pass factor; must divide the image size")
+                        paint_adv = advanced("paint", 4)
+                        with gr.Row():
+                            paint_btn = gr.Button("Paint to image", variant="primary", elem_id="paint-run")
+                            paint_cancel = gr.Button("Cancel", variant="stop", elem_id="paint-cancel")
+                    with gr.Column(scale=3):
+                        paint_out = outputs("paint", "Paint-to-image")
+                gr.Examples([[example_path("paint_smiley.png")], [example_path("paint_heart.png")],
+                             [example_path("paint_cat.png")]], inputs=[paint_image],
+                            label="Examples (drawn by scripts/make_app_examples.py)")
+
+            with gr.Tab("Scribble editing", id="scribble"):
+                gr.Markdown(
+                    "Upload an image and draw coloured scribbles on it. ILVR with a small **N** (paper: 8 at 256 "
+                    "px, scaled) follows your edited image on steps 1000→**stop step** (200), then the free last "
+                    "steps blend the strokes into realistic detail. *Keep unedited region* changes only the area "
+                    "around your strokes.", elem_classes="ilvr-explain")
+                with gr.Row():
+                    with gr.Column(scale=2):
+                        sc_editor = friendly(gr.ImageEditor(label="Image to edit: upload, then draw with the brush",
+                                                            type="pil", image_mode="RGBA", canvas_size=(256, 256),
+                                                            fixed_canvas=True, height=360, transforms=(), layers=False,
+                                                            sources=["upload", "clipboard"],
+                                                            brush=gr.Brush(colors=BRUSH_COLORS, default_size=16,
+                                                                           default_color="#202020"),
+                                                            elem_id="sc-editor"))
+                        with gr.Row():
+                            sc_n = gr.Dropdown(choices, value=p["scribble"], allow_custom_value=True, label="N",
+                                               info="low-pass factor; must divide the image size")
+                            sc_keep = gr.Checkbox(False, label="Keep unedited region",
+                                                  info="pin everything away from the strokes to the input",
+                                                  elem_id="sc-keep")
+                        sc_adv = advanced("sc", 4, stop_at=SCRIBBLE_STOP_AT,
+                                          stop_info="Condition on the edited image from step 1000 down to this "
+                                                    "step, then run free so strokes become realistic (paper: 200)")
+                        with gr.Row():
+                            sc_btn = gr.Button("Apply scribbles", variant="primary", elem_id="sc-run")
+                            sc_cancel = gr.Button("Cancel", variant="stop", elem_id="sc-cancel")
+                    with gr.Column(scale=3):
+                        sc_out = outputs("sc", "Scribble edit")
+                gr.Examples([[scribble_example("scribble_sunglasses")], [scribble_example("scribble_green_apple")]],
+                            inputs=[sc_editor], label="Examples (Noto Emoji, Apache-2.0, with drawn scribbles)")
+
+        gr.Markdown("Runs on CUDA when available (bfloat16/float16), else on the CPU (float32). "
+                    "One run at a time on CPU; further runs wait in the queue. "
+                    "Bundled model and examples: Noto Emoji (Apache-2.0); Twemoji examples CC-BY-4.0, "
+                    "Twitter, Inc. and other contributors (see examples/README.md).")
+
+        # ---- wiring
+        model_in = [model_choice, model_path]
+        n_outputs = [model_status, gen_factors, gen_range_n, tr_n, paint_n, sc_n]
+        load_kw = dict(fn=load_model, inputs=model_in, outputs=n_outputs, concurrency_id="load",
+                       concurrency_limit=2, show_progress="minimal")
+        load_btn.click(api_name="load_model", **load_kw)
+        model_choice.change(api_visibility="private", **load_kw)
+        model_path.submit(api_visibility="private", **load_kw)
+        demo.load(api_visibility="private", **load_kw)
+
+        gen_mode.change(lambda m: (gr.update(visible=m == S.GENERATION_MODES[0]),
+                                   gr.update(visible=m != S.GENERATION_MODES[0])),
+                        gen_mode, [gen_factors, gen_range_row], queue=False, api_visibility="private")
+        paint_image.change(lambda v: S.PAINT_SOURCES[0] if v else gr.skip(), paint_image, paint_source, queue=False,
+                           api_visibility="private")
+        paint_pad.input(lambda: S.PAINT_SOURCES[1], None, paint_source, queue=False, api_visibility="private")
+
+        run_kw = dict(concurrency_id="sampling", show_progress="full")
+        events = [
+            ("generation", gen_cancel, gen_btn.click(
+                run_generation, model_in + [gen_image, gen_mode, gen_factors, gen_range_n, gen_stops, *gen_adv],
+                gen_out, api_name="generate", show_progress_on=[gen_out[0]], **run_kw)),
+            ("translation", tr_cancel, tr_btn.click(
+                run_translation, model_in + [tr_image, tr_n, *tr_adv],
+                tr_out, api_name="translate", show_progress_on=[tr_out[0]], **run_kw)),
+            ("paint", paint_cancel, paint_btn.click(
+                run_paint, model_in + [paint_source, paint_image, paint_pad, paint_n, *paint_adv],
+                paint_out, api_name="paint", show_progress_on=[paint_out[0]], **run_kw)),
+            ("scribble", sc_cancel, sc_btn.click(
+                run_scribble, model_in + [sc_editor, sc_n, sc_keep, *sc_adv],
+                sc_out, api_name="scribble", show_progress_on=[sc_out[0]], **run_kw)),
+        ]
+        for task, cancel_btn, event in events:
+            cancel_btn.click(canceller(task), None, None, cancels=[event], queue=False, api_visibility="private")
+    return demo
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="ILVR Studio: the Gradio app")
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                        help="interface to listen on (0.0.0.0 for all; default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    parser.add_argument("--share", action="store_true", help="also open a temporary public gradio.live link")
+    parser.add_argument("--concurrency", type=int, default=None,
+                        help="sampling runs at once (default: 1 on CPU, 2 on a GPU)")
+    parser.add_argument("--max-queue", type=int, default=16, help="runs allowed to wait in the queue")
+    args = parser.parse_args(argv)
+    demo = build_demo()
+    import torch
+
+    concurrency = args.concurrency or (2 if torch.cuda.is_available() else 1)
+    demo.queue(default_concurrency_limit=concurrency, max_size=args.max_queue)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True,
+                max_file_size="25mb", css=CSS, allowed_paths=[str(EXAMPLES)])
+
+
+if __name__ == "__main__":
+    main()
