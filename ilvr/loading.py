@@ -392,6 +392,22 @@ def load_local(path: Path, **overrides) -> tuple[UNet, DiffusionConfig, dict]:
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def _hub_resolves() -> bool:
+    """Can the Hub's host name be resolved? (no connection is made; offline mode counts as no)"""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname or "huggingface.co", 443)
+        return True
+    except OSError:
+        return False
+
+
 def download_from_hub(repo_id: str, filename: str | None = None, revision: str | None = None,
                       cache_dir: str | os.PathLike | None = None) -> Path:
     """Fetch a model from the Hub into the cache (or find it there when offline); return a local path."""
@@ -400,9 +416,11 @@ def download_from_hub(repo_id: str, filename: str | None = None, revision: str |
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
     cache = str(cache_dir or hub_cache_dir())
+    # without DNS huggingface_hub retries for ~25 s before it looks in the cache: go straight there
+    local_only = not _hub_resolves()
 
     def fetch(name: str) -> Path:
-        return Path(hf_hub_download(repo_id, name, revision=revision, cache_dir=cache))
+        return Path(hf_hub_download(repo_id, name, revision=revision, cache_dir=cache, local_files_only=local_only))
 
     try:
         if filename:

@@ -202,3 +202,25 @@ def test_cuda_request_without_gpu_is_explained(tiny_checkpoint):
         pytest.skip("a GPU is present")
     with pytest.raises(ModelLoadError, match="no GPU"):
         load_model(tiny_checkpoint, device="cuda")
+
+
+def test_no_dns_goes_straight_to_the_cache(tmp_path, monkeypatch):
+    """Offline without HF_HUB_OFFLINE: no 25 s of retries, the cached copy is used or a clear error given."""
+    import socket
+    import time
+
+    import huggingface_hub.constants as hc
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    folder, ref = _diffusers_folder(tmp_path)
+    cache = tmp_path / "hub"
+    _fake_hub_cache(cache, "google/ddpm-ema-tiny-32", {p.name: p for p in folder.iterdir()})
+    assert load_model("google/ddpm-ema-tiny-32", device="cpu", cache_dir=cache).image_size == 32
+    start = time.time()
+    with pytest.raises(ModelLoadError, match="offline and not in the cache"):
+        load_model("google/ddpm-ema-church-256", device="cpu", cache_dir=cache)
+    assert time.time() - start < 5
