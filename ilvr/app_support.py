@@ -426,15 +426,7 @@ def build_grid(job: Job, rows: Sequence[tuple[str, Sequence[Image.Image]]], imag
         all_rows.append((" | ".join(label for label, _ in job.reference_row), [im for _, im in job.reference_row]))
     all_rows += [(label, list(images)) for label, images in rows if images]
     cell = display_cell(image_size)
-    return labelled_rows(all_rows, cell=cell, label_width=_label_width([label for label, _ in all_rows], cell))
-
-
-def _label_width(labels: Sequence[str], cell: int) -> int:
-    """Room for the longest row label, in the font size ilvr.grid.labelled_rows uses for this cell."""
-    from PIL import ImageFont
-
-    font = ImageFont.load_default(size=max(10, min(18, cell // 4)))
-    return int(max(font.getlength(label) for label in labels)) + 16 if labels else 16
+    return labelled_rows(all_rows, cell=cell)
 
 
 class StopFlags:

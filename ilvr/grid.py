@@ -17,15 +17,17 @@ def image_grid(images: list[Image.Image], cols: int, pad: int = 2, background=(2
 
 
 def labelled_rows(rows: list[tuple[str, list[Image.Image]]], cell: int | None = None, pad: int = 2,
-                  label_width: int = 90) -> Image.Image:
-    """Rows of images with a text label at the left of each row."""
+                  label_width: int | None = None) -> Image.Image:
+    """Rows of images with a text label at the left of each row (label column sized to fit by default)."""
     if not rows or not rows[0][1]:
         raise ValueError("no images to put in a grid")
     size = cell or rows[0][1][0].size[0]
     cols = max(len(images) for _, images in rows)
+    font = ImageFont.load_default(size=max(10, min(18, size // 4)))
+    if label_width is None:
+        label_width = int(max(font.getlength(label) for label, _ in rows)) + 16
     out = Image.new("RGB", (label_width + cols * (size + pad) + pad, len(rows) * (size + pad) + pad), (255, 255, 255))
     draw = ImageDraw.Draw(out)
-    font = ImageFont.load_default(size=max(10, min(18, size // 4)))
     for r, (label, images) in enumerate(rows):
         y = pad + r * (size + pad)
         draw.text((6, y + size // 2), label, fill=(0, 0, 0), font=font, anchor="lm")
