@@ -80,7 +80,11 @@ def set_advanced(page, prefix: str, steps: str, samples: int) -> None:
 
 def run(page, prefix: str, n_images: int) -> None:
     page.locator(f"#{prefix}-run").click()
-    sync_api.expect(page.locator(f"#{prefix}-info")).to_contain_text("Done in", timeout=RUN_TIMEOUT_MS)
+    try:
+        sync_api.expect(page.locator(f"#{prefix}-info")).to_contain_text("Done in", timeout=RUN_TIMEOUT_MS)
+    except AssertionError:
+        shot(page, f"{prefix}-FAILED")  # what the user would have seen (an error toast, a stuck bar...)
+        raise
     sync_api.expect(page.locator(f"#{prefix}-gallery img")).to_have_count(n_images, timeout=30_000)
     sync_api.expect(page.locator(f"#{prefix}-grid img")).to_have_count(1)
 
@@ -155,9 +159,18 @@ def test_paint_tab_upload(page):
 
 def test_scribble_tab(page):
     open_tab(page, "Scribble editing")
-    page.locator("#sc-editor input[type=file]").set_input_files(str(EX / "noto_grinning_face.png"))
+    placeholder = page.locator("#sc-editor").get_by_text("Upload an image")
+    sync_api.expect(placeholder).to_be_visible(timeout=30_000)  # the editor is rendered and empty
+    for _ in range(3):  # a file set while the freshly shown editor is still mounting can be dropped
+        page.locator("#sc-editor input[type=file]").first.set_input_files(str(EX / "noto_grinning_face.png"))
+        try:
+            sync_api.expect(placeholder).to_be_hidden(timeout=10_000)
+            break
+        except AssertionError:
+            continue
+    sync_api.expect(placeholder).to_be_hidden()
     canvas = image_box(page, "sc-editor")
-    page.wait_for_timeout(500)
+    page.wait_for_timeout(1000)  # let the editor paint the background before drawing over it
     stroke(page, canvas, [(0.25, 0.38), (0.45, 0.36), (0.55, 0.36), (0.75, 0.38)])  # sunglasses over the eyes
     page.locator("#sc-keep input").check()
     set_advanced(page, "sc", steps="25", samples=2)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,9 @@ from ilvr.network import UNet, UNetConfig, count_parameters, timestep_embedding
 
 diffusers = pytest.importorskip("diffusers")
 
-RESEARCH = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "research"
+# state-dict listings (every key and shape) made from guided-diffusion's UNetModel at the ILVR
+# authors' flags and from diffusers' UNet2DModel at the google/ddpm-*-256 config
+LISTINGS = Path(__file__).resolve().parent / "data"
 
 # google/ddpm-*-256 and ddpm-cifar10-32 configs, scaled down in width and depth (same block types)
 GOOGLE_256_SMALL = dict(sample_size=64, in_channels=3, out_channels=3, block_out_channels=[32, 32, 64, 64, 96, 96],
@@ -74,7 +77,7 @@ def test_forward_matches_diffusers_adm_like_blocks():
 
 def _listing(name: str) -> dict[str, tuple[int, ...]]:
     out = {}
-    for line in (RESEARCH / name).read_text().splitlines():
+    for line in (LISTINGS / name).read_text().splitlines():
         if line and not line.startswith("#"):
             key, shape = line.split(" ", 1)
             out[key] = tuple(int(v) for v in shape.strip("()").split(",") if v.strip())
@@ -87,9 +90,6 @@ P2_FLAGS = dict(image_size=256, out_channels=6, model_channels=128, channel_mult
 
 def test_adm_ffhq_p2_layout_matches_guided_diffusion_listing():
     """Every key and shape of guided-diffusion's UNetModel at the ILVR authors' flags (93.56 M params)."""
-    listing_path = RESEARCH / "adm-keys-ffhq-p2.txt"
-    if not listing_path.exists():
-        pytest.skip("research listing not available")
     with torch.device("meta"):
         unet = UNet(UNetConfig(**P2_FLAGS))
     assert {k: tuple(v.shape) for k, v in unet.state_dict().items()} == _listing("adm-keys-ffhq-p2.txt")
@@ -106,9 +106,6 @@ def test_adm_256_uncond_parameter_count():
 
 
 def test_diffusers_256_layout_matches_listing():
-    listing_path = RESEARCH / "diffusers-keys-ddpm-256.txt"
-    if not listing_path.exists():
-        pytest.skip("research listing not available")
     with torch.device("meta"):
         ref = diffusers.UNet2DModel(**{**GOOGLE_256_SMALL, "block_out_channels": [128, 128, 256, 256, 512, 512], "sample_size": 256})
     assert {k: tuple(v.shape) for k, v in ref.state_dict().items()} == _listing("diffusers-keys-ddpm-256.txt")
