@@ -94,6 +94,23 @@ def export_model(model: UNet, diffusion: DiffusionConfig, out_dir: str | os.Path
     return out / "model.safetensors"
 
 
+def continue_from_export(out: Path, unet_cfg: UNetConfig, model: UNet, ema: UNet, log) -> tuple[int, float]:
+    """No training state (a fresh machine; only the committed export is there): start from the exported
+    EMA weights, so a bundled model can keep training in any later session. The optimizer restarts."""
+    from safetensors.torch import load_file
+
+    config = json.loads((out / "config.json").read_text())
+    if config.get("unet") != unet_cfg.to_dict():
+        raise ValueError(f"{out} holds a model with another architecture; use a new --out or matching options")
+    weights = {k: v.float() for k, v in load_file(str(out / "model.safetensors")).items()}
+    model.load_state_dict(weights)
+    ema.load_state_dict(weights)
+    info = config.get("training", {})
+    log(f"no training state in {out}: continuing from its exported EMA weights at step {info.get('steps', 0)} "
+        "(fresh optimizer)")
+    return int(info.get("steps", 0)), float(info.get("minutes", 0.0)) * 60
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -142,6 +159,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
         step, elapsed_before = state["step"], state.get("elapsed_s", 0.0)
         gen.set_state(state["rng"])
         log(f"resumed from step {step} ({elapsed_before / 60:.1f} min of training so far)")
+    elif (out / "model.safetensors").exists() and (out / "config.json").exists():
+        step, elapsed_before = continue_from_export(out, unet_cfg, model, ema, log)
     log(f"model: {count_parameters(model) / 1e6:.2f} M parameters")
 
     def save_state() -> None:

@@ -31,3 +31,8 @@ def test_train_few_steps_then_resume(tmp_path, capsys):
     assert main(args) == 0
     assert "resumed from step 3" in capsys.readouterr().out
     assert json.loads((out / "config.json").read_text())["training"]["steps"] == 5
+    (out / "train_state.ckpt.pt").unlink()  # a fresh machine has only the committed export
+    args[args.index("--steps") + 1] = "6"
+    assert main(args) == 0
+    assert "continuing from its exported EMA weights at step 5" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["training"]["steps"] == 6
