@@ -119,6 +119,7 @@ def cmd_sample(args) -> int:
 
     from .images import ImageError, load_reference, save_png, tensor_to_pil
     from .loading import load_model
+    from .filters import check_factor
     from .registry import scaled_factor
     from .sampler import sample, settings_dict, validate_steps
 
@@ -133,6 +134,7 @@ def cmd_sample(args) -> int:
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     validate_steps(model, args.steps)
     n = args.n_factor or scaled_factor("translation", model.image_size)
+    check_factor(model.image_size, n)  # before any progress bar appears
     mask = None
     if args.mask:
         mask = (load_reference(args.mask, model.image_size).mean(0) > 0).float()
