@@ -175,14 +175,6 @@ def predict_step(schedule: Schedule, cfg: DiffusionConfig, model_output: torch.T
     return StepOutput(mean=mean, log_variance=log_variance, pred_x0=pred_x0, pred_eps=pred_eps)
 
 
-def q_sample(schedule: Schedule, x0: torch.Tensor, abar_index: int | None, noise: torch.Tensor,
-             use_prev: bool = False) -> torch.Tensor:
-    """Noise clean x0 to the level of respaced step i (or of i-1 with use_prev; i-1 = -1 is clean)."""
-    table = schedule.alphas_cumprod_prev if use_prev else schedule.alphas_cumprod
-    abar = float(table[abar_index])
-    return math.sqrt(abar) * x0 + math.sqrt(1 - abar) * noise
-
-
 def ddim_step(schedule: Schedule, out: StepOutput, i: int, eta: float, noise: torch.Tensor | None) -> torch.Tensor:
     """DDIM update from the (clipped) x0 prediction; eta=0 is deterministic."""
     x0, eps = out.pred_x0, out.pred_eps

@@ -33,3 +33,13 @@ def tiny_checkpoint(tmp_path) -> Path:
     folder = tmp_path / "tiny"
     export_model(tiny_unet(), DiffusionConfig(), folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The app launched from app.py on a free local port, one per test module (tests/app_server.py)."""
+    from app_server import AppServer
+
+    srv = AppServer(tmp_path_factory.mktemp("app"))
+    yield srv
+    srv.stop()

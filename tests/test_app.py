@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from app_server import BUNDLED_WEIGHTS, NO_BUNDLED_MODEL, ROOT, AppServer  # noqa: E402
+from app_server import BUNDLED_WEIGHTS, NO_BUNDLED_MODEL, ROOT  # noqa: E402
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
@@ -29,13 +29,6 @@ EX = ROOT / "examples"
 MODEL = "emoji64"
 SIZE = 64
 FAST = "5"  # respaced steps: enough to exercise every code path, fast on a busy CPU
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = AppServer(tmp_path_factory.mktemp("app"))
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
-from app_server import BUNDLED_WEIGHTS, NO_BUNDLED_MODEL, ROOT, AppServer  # noqa: E402
+from app_server import BUNDLED_WEIGHTS, NO_BUNDLED_MODEL, ROOT  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -29,13 +29,6 @@ pytestmark = [
     pytest.mark.skipif(not BUNDLED_WEIGHTS.is_file(), reason=NO_BUNDLED_MODEL),
 ]
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (python) is not installed")
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = AppServer(tmp_path_factory.mktemp("browser-app"))
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture(scope="module")
