@@ -152,13 +152,14 @@ def make_plan(ref_dir: Path, out: Path, num: int) -> Plan:
 # ----------------------------------------------------------------------------- processes
 
 class Comm:
-    """torch.distributed when launched by torchrun with WORLD_SIZE > 1, else a single process."""
+    """torch.distributed when launched by torchrun (even with one process, so that path is the one a
+    multi-GPU run takes), else a plain single process."""
 
     def __init__(self, device_arg: str):
         from .loading import resolve_device
 
         self.world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-        self.enabled = self.world > 1
+        self.enabled = self.world > 1 or "TORCHELASTIC_RUN_ID" in os.environ
         self.rank = int(os.environ.get("RANK", "0") or 0) if self.enabled else 0
         self.local_rank = int(os.environ.get("LOCAL_RANK", str(self.rank)) or 0) if self.enabled else 0
         if not self.enabled:
@@ -273,6 +274,8 @@ def _run(args, comm: Comm) -> int:
         if (comm.local_rank == 0) == (turn == 0):
             try:
                 model = load_model(args.model, device=comm.device, dtype=args.dtype)
+                if args.compile:
+                    model.compile()
                 validate_steps(model, args.steps)
                 n = args.n_factor or scaled_factor("translation", model.image_size)
                 check_factor(model.image_size, n)
@@ -305,7 +308,7 @@ def _run(args, comm: Comm) -> int:
 
     total = len(plan.pending)
     if comm.rank == 0:
-        procs = f", {comm.world} processes" if comm.enabled else ""
+        procs = f", {comm.world} process{'es' if comm.world > 1 else ''} over {comm.backend}" if comm.enabled else ""
         print(f"{len(plan.refs)} references x {args.num} samples: {total} to make, {plan.skipped} already in {out}"
               f" (batch size {args.batch_size}{procs}, device {comm.device.type})", flush=True)
         if plan.removed_temp:

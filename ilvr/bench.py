@@ -6,7 +6,10 @@ Three ways to draw samples, timed side by side in one run on the same weights, r
                   against (ILVR overhead = ours / unconditional - 1).
   ILVR, ours      ``ilvr.sampler.sample(model, reference, ...)``: phi_N once per step as two small
                   precomputed matmuls (x = x' + phi(y_{t-1} - x')), torch.inference_mode, the model's compute
-                  dtype (fp16 autocast on CUDA by default), optionally channels_last and torch.compile.
+                  dtype (on CUDA fp16 weights with fp32 norms by default), on CPU the channels_last layout,
+                  and on CUDA the UNet call replayed as a CUDA graph and the noise drawn ahead by a worker
+                  thread; optionally torch.compile. These are the defaults of load_model and the sampler,
+                  i.e. what the app and the CLI run.
   ILVR, plain     ``plain_ilvr`` below, written the way the official implementation (jychoi118/ilvr_adm)
                   writes its loop: fp32 network, torch.no_grad, and per step
                   x = x' - up(down(x')) + up(down(y_noisy)), i.e. down+up run twice per step. The resizing is
@@ -30,6 +33,7 @@ delta of it is 0 for every run after the biggest one; we do not use it where /pr
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import ctypes
 import gc
@@ -79,7 +83,8 @@ def bundled_model(source: str = "emoji64", device: str | torch.device = "cpu") -
     from .loading import CHECKPOINTS_DIR, ModelLoadError, load_model
 
     try:
-        return load_model(source, device=device, dtype=torch.float32), "trained weights"
+        # the plain loop's network: fp32 in the default layout (make_fast makes the fast path's copy)
+        return load_model(source, device=device, dtype=torch.float32, channels_last=False), "trained weights"
     except (ModelLoadError, OSError) as e:
         config_path = CHECKPOINTS_DIR / source / "config.json"
         if not config_path.is_file():
@@ -91,23 +96,30 @@ def bundled_model(source: str = "emoji64", device: str | torch.device = "cpu") -
 
 
 def make_fast(model: DiffusionModel, *, dtype: torch.dtype | None = None, channels_last: bool = False,
-              compile: bool = False, compile_mode: str | None = None) -> DiffusionModel:
-    """The same weights set up for speed: compute dtype (autocast), channels_last, torch.compile.
+              compile: bool = False, compile_mode: str | None = None, cuda_graphs: bool = True) -> DiffusionModel:
+    """The same weights set up for speed: compute dtype, channels_last, torch.compile, CUDA graphs.
 
-    channels_last/compile work on a copy of the UNet, so ``model`` itself stays a plain fp32 module
-    (the straightforward loop keeps using it).
+    On CUDA a half-precision dtype stores the weights in it (as ``load_model`` does); on CPU it runs
+    under autocast. Any change works on a copy of the UNet, so ``model`` itself stays a plain fp32
+    module (the straightforward loop keeps using it).
     """
+    dtype = dtype or model.dtype
     unet = model.unet
-    if channels_last or compile:
+    half = dtype != torch.float32 and model.device.type == "cuda"
+    if channels_last or compile or half:
         unet = copy.deepcopy(unet)
+        if half:
+            unet.to_compute_dtype(dtype)
         if channels_last:
             unet = unet.to(memory_format=torch.channels_last)
         if compile:
             # dynamic=False: one graph per batch size, specialised (a shape change would otherwise switch
             # to a dynamic-shape graph, which is slower). mode "reduce-overhead" adds CUDA graphs.
             unet.compile(dynamic=False, mode=None if compile_mode in (None, "default") else compile_mode)
+    own_graphs = compile and compile_mode not in (None, "default")  # reduce-overhead/max-autotune capture their own
     return DiffusionModel(unet=unet, diffusion=model.diffusion, name=model.name, device=model.device,
-                          dtype=dtype or model.dtype, source=model.source, info=dict(model.info))
+                          dtype=dtype, source=model.source, info=dict(model.info),
+                          cuda_graphs=cuda_graphs and not own_graphs)
 
 
 # ----------------------------------------------------------------------------- the straightforward loop
@@ -336,11 +348,14 @@ def _run_sequential(variants: list[Variant], steps: int, device: torch.device, f
 
 def bench_setup(model: DiffusionModel, *, label: str, weights_note: str, batch: int, steps: int, repeats: int,
                 n_factor: int, kernel: str, fast_dtype: torch.dtype, channels_last: bool, compile: bool,
-                compile_mode: str | None, seed: int = 0, full_steps: int = 0, stat: str = "median",
+                compile_mode: str | None, seed: int = 0, full_steps: int = 0, fp32_variant: bool = True,
+                cuda_graphs: bool = True,
+                stat: str = "median",
                 clock: str = "wall", log: Callable[[str], None] = print) -> dict[str, Any]:
     """Time unconditional / ours / plain for one model, device and batch size. Returns a result dict."""
     device = model.device
-    fast = make_fast(model, dtype=fast_dtype, channels_last=channels_last, compile=compile, compile_mode=compile_mode)
+    fast = make_fast(model, dtype=fast_dtype, channels_last=channels_last, compile=compile, compile_mode=compile_mode,
+                     cuda_graphs=cuda_graphs)
     fp32 = torch.float32
     reference = synthetic_reference(model.image_size, model.config.in_channels, seed)
     seeds = [seed + k for k in range(batch)]
@@ -357,11 +372,13 @@ def bench_setup(model: DiffusionModel, *, label: str, weights_note: str, batch: 
     def uncond(s, on_step=None):
         return sample(fast, None, seeds=seeds, steps=s, progress=hook(on_step))
 
-    variants = [Variant("unconditional", uncond, wbytes, dname(fast_dtype)),
-                Variant("ILVR, ours (fast path)", ours(fast), wbytes, dname(fast_dtype))]
-    if fast_dtype != fp32:  # separate what the dtype buys from what the rest of the fast path buys
+    fast_bytes = _param_bytes(fast.unet)
+    variants = [Variant("unconditional", uncond, fast_bytes, dname(fast_dtype)),
+                Variant("ILVR, ours (fast path)", ours(fast), fast_bytes, dname(fast_dtype))]
+    if fast_dtype != fp32 and fp32_variant:  # separate what the dtype buys from what the rest buys
         variants.append(Variant("ILVR, ours in fp32", ours(make_fast(model, dtype=fp32, channels_last=channels_last,
-                                                                    compile=compile, compile_mode=compile_mode)),
+                                                                    compile=compile, compile_mode=compile_mode,
+                                                                    cuda_graphs=cuda_graphs)),
                                 wbytes, "fp32"))
     variants.append(Variant("ILVR, plain loop (official style)",
                             lambda s, on_step=None: plain_ilvr(model, reference, seeds=seeds, n_factor=n_factor,
@@ -401,7 +418,9 @@ def bench_setup(model: DiffusionModel, *, label: str, weights_note: str, batch: 
         "image_size": model.image_size, "device": str(device), "batch": batch, "steps": steps, "repeats": repeats,
         "stat": stat, "clock": clock,
         "N": n_factor, "filter": kernel, "fast_dtype": dname(fast_dtype), "channels_last": channels_last,
-        "compile": compile_mode or "default" if compile else False, "warmup_s": warmup_s, "memory": mem_method,
+        "compile": compile_mode or "default" if compile else False,
+        "cuda_graphs": fast.cuda_graphs and device.type == "cuda",
+        "warmup_s": warmup_s, "memory": mem_method,
         "rows": rows, "ilvr_overhead": ours_t / uncond - 1, "ours_vs_plain": ours_t / plain_t,
         "max_abs_diff_ours_vs_plain": diff,
         "ilvr_work_ms_per_step": _time_ilvr_work(model.image_size, batch, n_factor, kernel, device),
@@ -409,12 +428,12 @@ def bench_setup(model: DiffusionModel, *, label: str, weights_note: str, batch: 
     if full_steps:
         _sync(device)
         c0, t0 = time.process_time(), time.perf_counter()
-        sample(fast, reference, seeds=[seed], n_factor=n_factor, kernel=kernel, steps=full_steps)
+        sample(fast, reference, seeds=seeds, n_factor=n_factor, kernel=kernel, steps=full_steps)
         _sync(device)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        result["full"] = {"steps": full_steps, "batch": 1, "variant": "ILVR, ours (fast path)", "wall_s": wall,
+        result["full"] = {"steps": full_steps, "batch": batch, "variant": "ILVR, ours (fast path)", "wall_s": wall,
                           "cpu_s": cpu, "seconds": cpu if clock == "cpu" else wall}
-        log(f"  real {full_steps}-step ILVR sample at batch 1: {wall:.2f} s wall, {cpu:.2f} s CPU")
+        log(f"  real {full_steps}-step ILVR run at batch {batch}: {wall:.2f} s wall, {cpu:.2f} s CPU")
     try:
         result["load_average_1min_after"] = os.getloadavg()[0]
     except OSError:
@@ -426,7 +445,8 @@ def bench_setup(model: DiffusionModel, *, label: str, weights_note: str, batch: 
 
 def format_result(res: dict[str, Any]) -> str:
     b, steps = res["batch"], res["steps"]
-    extras = [f"channels_last" if res["channels_last"] else "", f"compile={res['compile']}" if res["compile"] else ""]
+    extras = ["channels_last" if res["channels_last"] else "", f"compile={res['compile']}" if res["compile"] else "",
+              "CUDA graphs" if res.get("cuda_graphs") else ""]
     extras = ", ".join(e for e in extras if e)
     lines = [
         f"== {res['setup']}: {res['model']} ({res['weights']}, {res['parameters'] / 1e6:.1f} M params, "
@@ -458,8 +478,9 @@ def format_result(res: dict[str, Any]) -> str:
     ]
     if "full" in res:
         f = res["full"]
-        lines.append(f"real {f['steps']}-step ILVR sample (ours), batch 1: {f['seconds']:.2f} s {res['clock']} "
-                     f"({f['steps'] / f['seconds']:.1f} steps/s; wall {f['wall_s']:.2f} s, CPU {f['cpu_s']:.2f} s)"
+        per = f"{f['seconds'] / f['batch']:.2f} s/sample, " if f["batch"] > 1 else ""
+        lines.append(f"real {f['steps']}-step ILVR run (ours), batch {f['batch']}: {f['seconds']:.2f} s {res['clock']} "
+                     f"({per}{f['steps'] / f['seconds']:.1f} steps/s; wall {f['wall_s']:.2f} s, CPU {f['cpu_s']:.2f} s)"
                      " -- measured, not extrapolated")
     return "\n".join(lines)
 
@@ -498,7 +519,8 @@ def add_arguments(p) -> None:
     p.add_argument("--steps", type=int, default=50, help="timed steps per run (default 50; figures per step are "
                                                            f"extrapolated to {FULL_STEPS})")
     p.add_argument("--full-steps", type=int, default=FULL_STEPS,
-                   help=f"also time one real run of this many steps, batch 1, on the bundled setup (0 = skip; default {FULL_STEPS})")
+                   help=f"also time one real run of this many steps of our fast path at each batch size "
+                        f"(0 = skip; default {FULL_STEPS})")
     p.add_argument("--batch", default=None, help="comma list of batch sizes (default: 1 for bundled, 1,8 for adm256)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per variant (default 3)")
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
@@ -513,10 +535,16 @@ def add_arguments(p) -> None:
                    help="compute dtype of our fast path (default fp16 on CUDA, fp32 on CPU); the plain loop is always fp32")
     p.add_argument("--N", dest="n_factor", type=int, default=None, help="low-pass factor (default: the translation preset for the size)")
     p.add_argument("--filter", default="cubic", help="resize-right kernel")
-    p.add_argument("--channels-last", action="store_true", help="fast path: UNet in channels_last memory format")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="fast path: UNet in channels_last memory format (default: on CPU, as load_model does)")
     p.add_argument("--compile", action="store_true", help="fast path: torch.compile the UNet (compile time reported as warm-up)")
     p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
                    help="torch.compile mode; reduce-overhead uses CUDA graphs")
+    p.add_argument("--fp32-variant", action=argparse.BooleanOptionalAction, default=True,
+                   help="when the fast path runs in fp16/bf16, also time it in fp32 (default on; "
+                        "--no-fp32-variant saves a second torch.compile)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="on CUDA, replay our fast path's UNet call as a CUDA graph (default on, as the app and CLI do)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, i.e. OMP_NUM_THREADS)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", dest="json_out", default=None, help="also write the results as JSON here")
@@ -568,13 +596,15 @@ def run(args, log: Callable[[str], None] = print) -> dict[str, Any]:
         stat = args.stat
         if stat == "auto" or (stat == "step-median" and device.type == "cuda"):
             stat = "median" if device.type == "cuda" else "step-median"
-        for k, batch in enumerate(batches):
+        for batch in batches:
             log(f"{label}, batch {batch} on {device} ...")
             res = bench_setup(model, label=label, weights_note=note, batch=batch, steps=args.steps, repeats=args.repeats,
                               n_factor=n_factor, kernel=args.filter, fast_dtype=_dtype(args.dtype, device),
-                              channels_last=args.channels_last, compile=args.compile, compile_mode=args.compile_mode,
-                              seed=args.seed, full_steps=args.full_steps if name == "bundled" and k == 0 else 0,
-                              stat=stat, clock=clock, log=log)
+                              channels_last=device.type == "cpu" if args.channels_last is None else args.channels_last,
+                              compile=args.compile, compile_mode=args.compile_mode,
+                              seed=args.seed, full_steps=args.full_steps,
+                              fp32_variant=args.fp32_variant, cuda_graphs=args.cuda_graphs, stat=stat, clock=clock,
+                              log=log)
             results.append(res)
         del model
         if device.type == "cuda":

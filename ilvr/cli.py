@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="outputs", help="output folder")
     s.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
     s.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="compute dtype (default fp16 on CUDA, fp32 on CPU)")
+    s.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet: faster steps after a compile of about a minute per batch size "
+                        "(worth it on a GPU for many samples)")
     s.add_argument("--mask", help="PNG whose white pixels mark where ILVR applies (scribble editing)")
     s.add_argument("--keep-outside", action="store_true", help="with --mask: keep the reference outside the mask")
     s.add_argument("--unconditional", action="store_true", help="ignore references: plain DDPM samples")
@@ -132,6 +135,8 @@ def cmd_sample(args) -> int:
 
         return run_folder(args)
     model = load_model(args.model, device=args.device, dtype=args.dtype)
+    if args.compile:
+        model.compile()
     validate_steps(model, args.steps)
     n = args.n_factor or scaled_factor("translation", model.image_size)
     check_factor(model.image_size, n)  # before any progress bar appears

@@ -470,12 +470,15 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def load_model(source: str | os.PathLike, device: str | torch.device | None = "auto",
                dtype: torch.dtype | str | None = None, *, filename: str | None = None, revision: str | None = None,
-               cache_dir: str | os.PathLike | None = None, **overrides) -> DiffusionModel:
+               cache_dir: str | os.PathLike | None = None, channels_last: bool | None = None,
+               **overrides) -> DiffusionModel:
     """Load a model from a bundled name, local file/folder or Hub repo id (see module docstring).
 
     dtype is the compute dtype: default float32 on CPU and float16 on CUDA (bf16 where supported
-    is also fine). overrides: image_size, num_head_channels, attention_order ('legacy'|'new') and
-    any DiffusionConfig field (e.g. variance_type='fixed_large').
+    is also fine). channels_last (default: on CPU only) stores the weights in oneDNN's preferred
+    layout, about 20% faster on CPU (``python -m ilvr bench``); on CUDA it measured slower.
+    overrides: image_size, num_head_channels, attention_order ('legacy'|'new') and any
+    DiffusionConfig field (e.g. variance_type='fixed_large').
     """
     from .registry import BUNDLED, BY_NAME
 
@@ -503,5 +506,10 @@ def load_model(source: str | os.PathLike, device: str | torch.device | None = "a
     if isinstance(dtype, str):
         dtype = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
                  "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}[dtype]
-    return DiffusionModel(unet=unet.to(dev), diffusion=diffusion, name=name, device=dev, dtype=dtype, source=name,
+    unet = unet.to(dev)
+    if dev.type == "cpu" if channels_last is None else channels_last:
+        unet = unet.to(memory_format=torch.channels_last)
+    if dev.type == "cuda" and dtype != torch.float32:
+        unet.to_compute_dtype(dtype)  # half-precision weights; on CPU fp16/bf16 run under autocast
+    return DiffusionModel(unet=unet, diffusion=diffusion, name=name, device=dev, dtype=dtype, source=name,
                           info=info)

@@ -232,6 +232,17 @@ class UNet(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.input_blocks[0][0].weight.dtype
 
+    def to_compute_dtype(self, dtype: torch.dtype) -> "UNet":
+        """Store convolution, linear and embedding weights in `dtype`, the norms in fp32 (ADM's fp16 layout).
+
+        Cheaper than autocast for inference: no weight is re-cast at every call, and every activation
+        stays in `dtype` except inside the GroupNorms, which compute in fp32 anyway.
+        """
+        for module in self.modules():
+            if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear, nn.Embedding)):
+                module.to(dtype)
+        return self
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, C, H, W) noisy images; t: (B,) timesteps on the training scale (0..T-1)."""
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels, self.config.flip_sin_to_cos,

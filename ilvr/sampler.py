@@ -16,7 +16,10 @@ so phi_N runs once per step. Where this differs from the official code (jychoi11
 from __future__ import annotations
 
 import math
+import os
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -50,9 +53,66 @@ class Cancelled(RuntimeError):
 def _noise(generators: Sequence[torch.Generator], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """One slice of noise per sample, each from its own generator, drawn on the CPU.
 
-    Drawing on the CPU makes a seed give the same image on any device and in any batch.
+    Drawing on the CPU makes a seed give the same image on any device and in any batch. For a GPU the
+    noise goes through pinned memory with an asynchronous copy, so the host never waits for the GPU
+    (PyTorch's pinned-memory cache keeps the buffer until the copy is done).
     """
-    return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+    return _to_device(_draw(generators, shape, pinned=device.type == "cuda"), device)
+
+
+def _draw(generators: Sequence[torch.Generator], shape: tuple[int, ...], pinned: bool,
+          fanout: ThreadPoolExecutor | None = None) -> torch.Tensor:
+    """One draw for every sample; with `fanout`, the samples' generators run in parallel threads."""
+    noise = torch.empty((len(generators), *shape), pin_memory=pinned)
+
+    def one(k: int) -> None:
+        torch.randn(shape, generator=generators[k], out=noise[k])
+
+    if fanout is None:
+        for k in range(len(generators)):
+            one(k)
+    else:
+        list(fanout.map(one, range(len(generators))))
+    return noise
+
+
+def _to_device(noise: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return noise.to(device, non_blocking=noise.is_pinned())
+
+
+class NoiseSource:
+    """The run's successive noise draws (x_T, then z and eps per step), as ``_noise`` makes them.
+
+    On a GPU a worker thread draws the next ones while the GPU runs the current step, with the samples'
+    generators spread over a few more threads: one 256 px draw takes the CPU about 1.3 ms per sample,
+    as long as a whole graphed UNet step of a batch of 8 on an H100 needs. Draws are made in order, one
+    at a time, so every sample's sequence is the same as when drawn inline.
+    """
+
+    AHEAD = 2
+    MAX_FANOUT = 4
+
+    def __init__(self, generators: Sequence[torch.Generator], shape: tuple[int, ...], device: torch.device):
+        self.generators, self.shape, self.device = list(generators), tuple(shape), device
+        self.pool = self.fanout = None
+        if device.type == "cuda":
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ilvr-noise")
+            workers = min(len(self.generators), self.MAX_FANOUT, os.cpu_count() or 1)
+            if workers > 1:
+                self.fanout = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ilvr-noise-sample")
+        self.pending: deque[Future] = deque()
+
+    def __call__(self) -> torch.Tensor:
+        if self.pool is None:
+            return _noise(self.generators, self.shape, self.device)
+        while len(self.pending) <= self.AHEAD:
+            self.pending.append(self.pool.submit(_draw, self.generators, self.shape, True, self.fanout))
+        return _to_device(self.pending.popleft().result(), self.device)
+
+    def close(self) -> None:
+        for pool in (self.pool, self.fanout):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
 
 
 def conditioned_steps(timestep_map: Sequence[int], stop_at: int) -> list[bool]:
@@ -122,31 +182,35 @@ def sample(
             raise ValueError(f"mask must be {size}x{size}, got {tuple(mask.shape[-2:])}")
     refine = conditioned_steps(schedule.timestep_map, int(stop_at))
 
-    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    x = _noise(generators, (channels, size, size), device)
+    noise = NoiseSource([torch.Generator().manual_seed(int(s)) for s in seeds], (channels, size, size), device)
+    denoise = model.denoiser()
     start = time.time()
-    with torch.inference_mode():
-        for i in reversed(range(total)):
-            t_model = int(schedule.timestep_map[i])
-            t = torch.full((batch,), t_model, device=device, dtype=torch.long)
-            out = predict_step(schedule, model.diffusion, model.predict(x, t), x, i)
-            z = _noise(generators, x.shape[1:], device)
-            eps = _noise(generators, x.shape[1:], device) if y is not None else None
-            if sampler == "ddim":
-                x = ddim_step(schedule, out, i, eta, z)
-            else:
-                x = out.mean + (torch.exp(0.5 * out.log_variance) * z if i > 0 else 0.0)
-            if y is not None:
-                abar_prev = float(schedule.alphas_cumprod_prev[i])  # 1.0 at i = 0: the clean reference
-                y_prev = math.sqrt(abar_prev) * y + math.sqrt(1 - abar_prev) * eps
-                if refine[i]:
-                    correction = lowpass(y_prev - x)
-                    x = x + (correction if mask is None else mask * correction)
-                if keep_outside and mask is not None:
-                    x = mask * x + (1 - mask) * y_prev
-            if progress is not None:
-                progress(StepInfo(index=total - i, total=total, timestep=t_model, pred_x0=out.pred_x0,
-                                  elapsed_s=time.time() - start))
+    try:
+        with torch.inference_mode():
+            x = noise()
+            for i in reversed(range(total)):
+                t_model = int(schedule.timestep_map[i])
+                t = torch.full((batch,), t_model, device=device, dtype=torch.long)
+                out = predict_step(schedule, model.diffusion, denoise(x, t), x, i)
+                z = noise()
+                eps = noise() if y is not None else None
+                if sampler == "ddim":
+                    x = ddim_step(schedule, out, i, eta, z)
+                else:
+                    x = out.mean + (torch.exp(0.5 * out.log_variance) * z if i > 0 else 0.0)
+                if y is not None:
+                    abar_prev = float(schedule.alphas_cumprod_prev[i])  # 1.0 at i = 0: the clean reference
+                    y_prev = math.sqrt(abar_prev) * y + math.sqrt(1 - abar_prev) * eps
+                    if refine[i]:
+                        correction = lowpass(y_prev - x)
+                        x = x + (correction if mask is None else mask * correction)
+                    if keep_outside and mask is not None:
+                        x = mask * x + (1 - mask) * y_prev
+                if progress is not None:
+                    progress(StepInfo(index=total - i, total=total, timestep=t_model, pred_x0=out.pred_x0,
+                                      elapsed_s=time.time() - start))
+    finally:
+        noise.close()
     return x
 
 

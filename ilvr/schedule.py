@@ -133,8 +133,13 @@ class Schedule:
 
 
 def _at(arr: np.ndarray, i: int, like: torch.Tensor) -> torch.Tensor:
-    """One schedule entry as a scalar tensor on x's device and dtype."""
-    return torch.tensor(float(arr[i]), device=like.device, dtype=like.dtype)
+    """One schedule entry as a 0-dim tensor in x's dtype, kept on the CPU.
+
+    PyTorch reads a 0-dim CPU tensor as a scalar in ops with GPU tensors, so a step makes no
+    host-to-GPU copy of its coefficients; such a copy would block the host until the GPU caught up
+    and stop it queueing the next step's work.
+    """
+    return torch.tensor(float(arr[i]), dtype=like.dtype)
 
 
 @dataclass

@@ -77,7 +77,7 @@ def test_bench_command_prints_the_table(tiny_model, monkeypatch, tmp_path, capsy
     text = capsys.readouterr().out
     for needle in ("unconditional", "ILVR, ours (fast path)", "ILVR, plain loop (official style)", "s/sample",
                    "steps/s", "peak MiB", "vs uncond", "vs plain", "ILVR overhead over unconditional",
-                   "real 3-step ILVR sample", "extrapolated"):
+                   "real 3-step ILVR run", "extrapolated"):
         assert needle in text, needle
     data = json.loads(out_json.read_text())
     (res,) = data["results"]

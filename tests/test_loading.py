@@ -29,7 +29,7 @@ def test_adm_config_is_inferred_from_state_dict(cfg, tmp_path):
     torch.save(unet.state_dict(), path)
     inferred = infer_adm_config(unet.state_dict(), num_head_channels=cfg.num_head_channels)
     assert inferred == cfg
-    model = load_model(path, device="cpu", num_head_channels=cfg.num_head_channels)
+    model = load_model(path, device="cpu", channels_last=False, num_head_channels=cfg.num_head_channels)
     assert model.unet.config == cfg
     assert model.diffusion.variance_type == ("learned_range" if cfg.out_channels == 6 else "fixed_large")
     size = 32
@@ -51,7 +51,7 @@ def test_new_attention_order_is_converted(tmp_path):
             v = v.reshape(heads, 3, c // heads, *v.shape[1:]).transpose(0, 1).reshape(v.shape)
         new[k] = v
     torch.save(new, tmp_path / "new.pt")
-    model = load_model(tmp_path / "new.pt", device="cpu", num_head_channels=32, attention_order="new")
+    model = load_model(tmp_path / "new.pt", device="cpu", channels_last=False, num_head_channels=32, attention_order="new")
     x, t = torch.randn(1, 3, 16, 16), torch.tensor([10])
     with torch.no_grad():
         assert torch.allclose(model.unet(x, t), unet(x, t), atol=1e-6)
@@ -96,6 +96,17 @@ def test_our_format_roundtrip(tiny_checkpoint):
     assert model.info["family"] == "ilvr" and model.image_size == 32
     single = load_model(tiny_checkpoint / "model.safetensors", device="cpu")  # config also in the metadata
     assert single.unet.config == model.unet.config
+
+
+def test_cpu_models_use_channels_last_with_the_same_output(tiny_checkpoint):
+    fast = load_model(tiny_checkpoint, device="cpu")
+    plain = load_model(tiny_checkpoint, device="cpu", channels_last=False)
+    conv = fast.unet.input_blocks[0][0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert plain.unet.input_blocks[0][0].weight.is_contiguous()
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([10, 900])
+    with torch.inference_mode():
+        torch.testing.assert_close(fast.predict(x, t), plain.predict(x, t), atol=1e-5, rtol=1e-5)
 
 
 def _fake_hub_cache(cache: Path, repo_id: str, files: dict[str, Path]) -> None:
