@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -112,10 +113,16 @@ class GraphedPredict:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         key = (x.shape, x.dtype, t.shape, x.device)
-        if torch.is_grad_enabled() or (self.graph is not None and key != self.key):
+        if torch.is_grad_enabled() or not self.model.cuda_graphs or (self.graph is not None and key != self.key):
             return self.model.predict(x, t)
         if self.graph is None:
-            self._capture(x, t)
+            try:
+                self._capture(x, t)
+            except RuntimeError as e:  # e.g. a GPU runtime that forbids capture: run eagerly from now on
+                warnings.warn(f"CUDA graph capture failed, running the UNet eagerly: {e}", RuntimeWarning)
+                self.model.cuda_graphs = False
+                self.graph, self.key = None, None
+                return self.model.predict(x, t)
         self.static_x.copy_(x)
         self.static_t.copy_(t)
         self.graph.replay()

@@ -190,3 +190,21 @@ def test_cli_compile_on_cuda(tmp_path):
         a = np.asarray(Image.open(tmp_path / "eager" / f"ref_{k}.png"), dtype=np.int16)
         b = np.asarray(Image.open(tmp_path / "compiled" / f"ref_{k}.png"), dtype=np.int16)
         assert np.abs(a - b).max() <= 2
+
+
+def test_failed_graph_capture_falls_back_to_eager(monkeypatch, exact_fp32):
+    """Some GPU runtimes forbid capture: the run goes on eagerly with a warning, same samples."""
+    model = on(bench.random_model(TINY, DiffusionConfig(), seed=17), "cuda")
+    ref = bench.synthetic_reference(32, 3, seed=18)
+    model.cuda_graphs = False
+    eager = sample(model, ref, seeds=[5], n_factor=4, steps=6)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "graph", refuse)
+    model.cuda_graphs = True
+    with pytest.warns(RuntimeWarning, match="CUDA graph capture failed"):
+        out = sample(model, ref, seeds=[5], n_factor=4, steps=6)
+    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
+    assert model.cuda_graphs is False
