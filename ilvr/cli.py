@@ -118,9 +118,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    import torch
-
-    from .images import ImageError, load_reference, save_png, tensor_to_pil
+    from .images import load_reference, save_png, tensor_to_pil
     from .loading import load_model
     from .filters import check_factor
     from .registry import scaled_factor

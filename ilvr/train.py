@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .images import ImageError, open_image, pil_to_tensor, square_resize
+from .images import ImageError, open_image, square_resize
 from .network import UNet, UNetConfig, count_parameters
 from .schedule import DiffusionConfig, Schedule
 

@@ -1,7 +1,6 @@
 """Shared fixtures: tiny models made on the spot, so no test needs the network."""
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
