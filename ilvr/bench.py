@@ -50,7 +50,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .filters import LowPass, resize_right_lowpass
-from .model import DiffusionModel
+from .model import DiffusionModel, inference_unet
 from .network import UNet, UNetConfig, count_parameters
 from .sampler import conditioned_steps, sample
 from .schedule import DiffusionConfig, predict_step
@@ -107,11 +107,7 @@ def make_fast(model: DiffusionModel, *, dtype: torch.dtype | None = None, channe
     unet = model.unet
     half = dtype != torch.float32 and model.device.type == "cuda"
     if channels_last or compile or half:
-        unet = copy.deepcopy(unet)
-        if half:
-            unet.to_compute_dtype(dtype)
-        if channels_last:
-            unet = unet.to(memory_format=torch.channels_last)
+        unet = inference_unet(copy.deepcopy(unet), model.device, dtype, channels_last)
         if compile:
             # dynamic=False: one graph per batch size, specialised (a shape change would otherwise switch
             # to a dynamic-shape graph, which is slower). mode "reduce-overhead" adds CUDA graphs.
@@ -349,9 +345,8 @@ def _run_sequential(variants: list[Variant], steps: int, device: torch.device, f
 def bench_setup(model: DiffusionModel, *, label: str, weights_note: str, batch: int, steps: int, repeats: int,
                 n_factor: int, kernel: str, fast_dtype: torch.dtype, channels_last: bool, compile: bool,
                 compile_mode: str | None, seed: int = 0, full_steps: int = 0, fp32_variant: bool = True,
-                cuda_graphs: bool = True,
-                stat: str = "median",
-                clock: str = "wall", log: Callable[[str], None] = print) -> dict[str, Any]:
+                cuda_graphs: bool = True, stat: str = "median", clock: str = "wall",
+                log: Callable[[str], None] = print) -> dict[str, Any]:
     """Time unconditional / ours / plain for one model, device and batch size. Returns a result dict."""
     device = model.device
     fast = make_fast(model, dtype=fast_dtype, channels_last=channels_last, compile=compile, compile_mode=compile_mode,
@@ -550,15 +545,9 @@ def add_arguments(p) -> None:
     p.add_argument("--json", dest="json_out", default=None, help="also write the results as JSON here")
 
 
-def _dtype(name: str | None, device: torch.device) -> torch.dtype:
-    if name is None:
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
-
-
 def run(args, log: Callable[[str], None] = print) -> dict[str, Any]:
     """The ``bench`` command: run every setup, print the tables, return (and optionally save) the results."""
-    from .loading import resolve_device
+    from .loading import resolve_device, resolve_dtype
     from .registry import scaled_factor
 
     if args.threads:
@@ -599,7 +588,7 @@ def run(args, log: Callable[[str], None] = print) -> dict[str, Any]:
         for batch in batches:
             log(f"{label}, batch {batch} on {device} ...")
             res = bench_setup(model, label=label, weights_note=note, batch=batch, steps=args.steps, repeats=args.repeats,
-                              n_factor=n_factor, kernel=args.filter, fast_dtype=_dtype(args.dtype, device),
+                              n_factor=n_factor, kernel=args.filter, fast_dtype=resolve_dtype(args.dtype, device),
                               channels_last=device.type == "cpu" if args.channels_last is None else args.channels_last,
                               compile=args.compile, compile_mode=args.compile_mode,
                               seed=args.seed, full_steps=args.full_steps,

@@ -22,7 +22,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .model import DiffusionModel
+from .model import DiffusionModel, inference_unet
 from .network import UNet, UNetConfig
 from .schedule import DiffusionConfig
 
@@ -501,15 +501,17 @@ def load_model(source: str | os.PathLike, device: str | torch.device | None = "a
         path = download_from_hub(repo_id, filename or file_in_id or None, revision, cache_dir)
         unet, diffusion, info = load_local(path, **overrides)
         info["repo_id"] = repo_id
-    if dtype is None:
-        dtype = torch.float16 if dev.type == "cuda" else torch.float32
-    if isinstance(dtype, str):
-        dtype = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-                 "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}[dtype]
-    unet = unet.to(dev)
-    if dev.type == "cpu" if channels_last is None else channels_last:
-        unet = unet.to(memory_format=torch.channels_last)
-    if dev.type == "cuda" and dtype != torch.float32:
-        unet.to_compute_dtype(dtype)  # half-precision weights; on CPU fp16/bf16 run under autocast
+    dtype = resolve_dtype(dtype, dev)
+    unet = inference_unet(unet, dev, dtype, dev.type == "cpu" if channels_last is None else channels_last)
     return DiffusionModel(unet=unet, diffusion=diffusion, name=name, device=dev, dtype=dtype, source=name,
                           info=info)
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """A compute dtype from a name ('fp16', 'bfloat16', ...); None: float16 on CUDA, float32 elsewhere."""
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        return {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+                "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}[dtype]
+    return dtype

@@ -13,6 +13,21 @@ from .network import UNet
 from .schedule import DiffusionConfig, Schedule
 
 _CAPTURE_LOCK = threading.Lock()
+
+
+def inference_unet(unet: UNet, device: torch.device, dtype: torch.dtype, channels_last: bool) -> UNet:
+    """Move a UNet (in place) to the layout it samples fastest in on `device`.
+
+    channels_last is oneDNN's preferred layout on CPU. On CUDA a half-precision dtype stores the
+    weights in it (``UNet.to_compute_dtype``); on CPU fp16/bf16 run under autocast instead, see
+    ``DiffusionModel.predict``.
+    """
+    unet = unet.to(device)
+    if channels_last:
+        unet = unet.to(memory_format=torch.channels_last)
+    if torch.device(device).type == "cuda" and dtype != torch.float32:
+        unet.to_compute_dtype(dtype)
+    return unet
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
