@@ -230,6 +230,14 @@ def advanced(prefix: str, samples: int, stop_at: int = 0, samples_label: str = "
     return [count, steps, stop, kernel, sampler, seed]  # the order of the run_* parameters
 
 
+def run_buttons(prefix: str, label: str):
+    """The run and cancel buttons under a tab's settings (#PREFIX-run, #PREFIX-cancel)."""
+    with gr.Row():
+        run = gr.Button(label, variant="primary", elem_id=f"{prefix}-run")
+        cancel = gr.Button("Cancel", variant="stop", elem_id=f"{prefix}-cancel")
+    return run, cancel
+
+
 def outputs(prefix: str, label: str):
     """Result area: status (progress, then seeds and settings), the labelled grid (live preview of the
     predicted x0 while sampling), the samples, and the PNG files."""
@@ -297,9 +305,7 @@ def build_demo() -> gr.Blocks:
                             gen_stops = gr.Textbox("0, 250, 500, 750", label="Stop steps (one row each)",
                                                    info="row s conditions on steps 1000→s")
                         gen_adv = advanced("gen", 3, samples_label="Samples per row")
-                        with gr.Row():
-                            gen_btn = gr.Button("Generate grid", variant="primary", elem_id="gen-run")
-                            gen_cancel = gr.Button("Cancel", variant="stop", elem_id="gen-cancel")
+                        gen_btn, gen_cancel = run_buttons("gen", "Generate grid")
                     with gr.Column(scale=3):
                         gen_out = outputs("gen", "Grid: rows = N")
                 gr.Examples([[example_path("noto_grinning_face.png")], [example_path("noto_fox.png")],
@@ -320,9 +326,7 @@ def build_demo() -> gr.Blocks:
                         tr_n = gr.Dropdown(choices, value=p["translation"], allow_custom_value=True, label="N",
                                            info="low-pass factor; must divide the image size")
                         tr_adv = advanced("tr", 4)
-                        with gr.Row():
-                            tr_btn = gr.Button("Translate", variant="primary", elem_id="tr-run")
-                            tr_cancel = gr.Button("Cancel", variant="stop", elem_id="tr-cancel")
+                        tr_btn, tr_cancel = run_buttons("tr", "Translate")
                     with gr.Column(scale=3):
                         tr_out = outputs("tr", "Translations")
                 gr.Examples([[example_path("twemoji_cat_face.png")], [example_path("twemoji_frog.png")],
@@ -354,9 +358,7 @@ def build_demo() -> gr.Blocks:
                         paint_n = gr.Dropdown(choices, value=p["paint"], allow_custom_value=True, label="N",
                                               info="low-pass factor; must divide the image size")
                         paint_adv = advanced("paint", 4)
-                        with gr.Row():
-                            paint_btn = gr.Button("Paint to image", variant="primary", elem_id="paint-run")
-                            paint_cancel = gr.Button("Cancel", variant="stop", elem_id="paint-cancel")
+                        paint_btn, paint_cancel = run_buttons("paint", "Paint to image")
                     with gr.Column(scale=3):
                         paint_out = outputs("paint", "Paint-to-image")
                 gr.Examples([[example_path("paint_smiley.png")], [example_path("paint_heart.png")],
@@ -387,9 +389,7 @@ def build_demo() -> gr.Blocks:
                         sc_adv = advanced("sc", 4, stop_at=SCRIBBLE_STOP_AT,
                                           stop_info="Condition on the edited image from step 1000 down to this "
                                                     "step, then run free so strokes become realistic (paper: 200)")
-                        with gr.Row():
-                            sc_btn = gr.Button("Apply scribbles", variant="primary", elem_id="sc-run")
-                            sc_cancel = gr.Button("Cancel", variant="stop", elem_id="sc-cancel")
+                        sc_btn, sc_cancel = run_buttons("sc", "Apply scribbles")
                     with gr.Column(scale=3):
                         sc_out = outputs("sc", "Scribble edit")
                 gr.Examples([[scribble_example("scribble_sunglasses")], [scribble_example("scribble_green_apple")]],
