@@ -90,6 +90,22 @@ def _norm(channels: int, eps: float) -> GroupNorm32:
     return GroupNorm32(32, channels, eps=eps)
 
 
+def _in_place() -> bool:
+    """Whether elementwise ops may overwrite their input: only under inference_mode, where no autograd
+    graph can need it. Saves an allocation and a memory pass per op (about 8% of a CPU step for the
+    bundled model); training and torch.no_grad run guided-diffusion's out-of-place ops. Never while
+    torch.compile traces: it plans buffers itself, and the inference_mode query would break its graph."""
+    return not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
+
+
+class SiLUAfterNorm(nn.SiLU):
+    """SiLU that works in place under inference_mode. Only for an input nothing else reads (a norm's or a
+    sum's fresh output): never for the timestep embedding, which every ResBlock shares."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(x, inplace=_in_place())
+
+
 class Downsample(nn.Module):
     def __init__(self, channels: int, padding: str):
         super().__init__()
@@ -118,12 +134,12 @@ class ResBlock(nn.Module):
                  up: bool = False, down: bool = False):
         super().__init__()
         self.use_scale_shift_norm = cfg.use_scale_shift_norm
-        self.in_layers = nn.Sequential(_norm(channels, cfg.norm_eps), nn.SiLU(),
+        self.in_layers = nn.Sequential(_norm(channels, cfg.norm_eps), SiLUAfterNorm(),
                                        nn.Conv2d(channels, out_channels, 3, padding=1))
         self.up, self.down = up, down
         self.emb_layers = nn.Sequential(
             nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if cfg.use_scale_shift_norm else out_channels))
-        self.out_layers = nn.Sequential(_norm(out_channels, cfg.norm_eps), nn.SiLU(), nn.Dropout(cfg.dropout),
+        self.out_layers = nn.Sequential(_norm(out_channels, cfg.norm_eps), SiLUAfterNorm(), nn.Dropout(cfg.dropout),
                                         nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip_connection = nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
 
@@ -144,11 +160,11 @@ class ResBlock(nn.Module):
         emb_out = self.emb_layers(emb).to(h.dtype)[..., None, None]
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
-            h = self.out_layers[0](h) * (1 + scale) + shift
-            h = self.out_layers[1:](h)
+            h = self.out_layers[1:](torch.addcmul(shift, self.out_layers[0](h), 1 + scale))
         else:
             h = self.out_layers(h + emb_out)
-        return self.skip_connection(x) + h
+        skip = self.skip_connection(x)
+        return h.add_(skip) if _in_place() else skip + h
 
 
 class AttentionBlock(nn.Module):
@@ -172,7 +188,9 @@ class AttentionBlock(nn.Module):
         q, k, v = qkv.unbind(dim=2)
         h = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, d)
         h = h.transpose(-1, -2).reshape(b, c, -1)
-        return (flat + self.proj_out(h)).reshape(b, c, height, width)
+        out = self.proj_out(h)
+        out = out.add_(flat) if _in_place() else flat + out
+        return out.reshape(b, c, height, width)
 
 
 class TimestepSequential(nn.Sequential):
@@ -226,7 +244,7 @@ class UNet(nn.Module):
                     layers.append(ResBlock(ch, emb_ch, ch, cfg, up=True) if cfg.resblock_updown else Upsample(ch))
                 self.output_blocks.append(TimestepSequential(*layers))
 
-        self.out = nn.Sequential(_norm(ch, cfg.norm_eps), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(_norm(ch, cfg.norm_eps), SiLUAfterNorm(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
     @property
     def dtype(self) -> torch.dtype:

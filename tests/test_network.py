@@ -156,3 +156,42 @@ def test_downsample_padding_differs_between_families():
         assert torch.allclose(sym(x), torch.nn.functional.conv2d(x, w, b, stride=2, padding=1), atol=1e-6)
         assert torch.allclose(asym(x), torch.nn.functional.conv2d(torch.nn.functional.pad(x, (0, 1, 0, 1)), w, b, stride=2), atol=1e-6)
         assert not torch.allclose(sym(x), asym(x))
+
+
+@pytest.mark.parametrize("scale_shift,updown,heads", [(True, True, 16), (False, False, -1)])
+def test_inference_mode_in_place_ops_match_autograd_forward(scale_shift, updown, heads):
+    """inference_mode runs SiLU and the residual adds in place; the result must equal the out-of-place
+    forward that training and torch.no_grad use, and must leave the caller's input untouched."""
+    torch.manual_seed(0)
+    cfg = UNetConfig(image_size=16, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
+                     num_head_channels=heads, use_scale_shift_norm=scale_shift, resblock_updown=updown)
+    unet = UNet(cfg).eval()
+    for p in unet.parameters():  # random, not zero-initialised outputs, so every branch contributes
+        torch.nn.init.normal_(p, std=0.05)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 700])
+    x_before = x.clone()
+    with torch.no_grad():
+        expected = unet(x, t)
+    with torch.inference_mode():
+        got = unet(x, t)
+    assert torch.equal(x, x_before)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    # and gradients still flow through the out-of-place path
+    unet(x, t).square().mean().backward()
+    assert all(p.grad is not None for p in unet.parameters())
+
+
+def test_unet_traces_into_one_graph_for_torch_compile():
+    """`--compile` is only fast if dynamo sees the whole forward: any graph break (e.g. a Python-level
+    query it cannot trace) splits it into pieces run eagerly in between."""
+    cfg = UNetConfig(image_size=16, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
+                     num_head_channels=16, resblock_updown=True)
+    unet = UNet(cfg).eval()
+    torch._dynamo.reset()
+    try:
+        with torch.inference_mode():
+            explanation = torch._dynamo.explain(unet)(torch.randn(1, 3, 16, 16), torch.tensor([10]))
+    finally:
+        torch._dynamo.reset()
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
