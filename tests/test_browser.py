@@ -44,10 +44,13 @@ def page(browser, server):
     ARTIFACTS.mkdir(exist_ok=True)
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     page = context.new_page()
+    errors: list[str] = []  # uncaught exceptions in the page's scripts: a broken component, even if it looks fine
+    page.on("pageerror", lambda e: errors.append(str(e)))
     page.goto(server.url)
     sync_api.expect(page.locator("#model-status")).to_contain_text("Loaded", timeout=60_000)
     yield page
     context.close()
+    assert not errors, f"the page threw: {errors}"
 
 
 def shot(page, name: str) -> Path:
@@ -150,18 +153,25 @@ def test_paint_tab_upload(page):
     shot(page, "3-paint-upload")
 
 
+def editor_ready(page, editor_id: str) -> None:
+    """Wait until a Gradio ImageEditor can take a file.
+
+    The editor shows its upload placeholder before its PixiJS canvas has finished initialising; a file
+    set in that window makes the editor throw (`reading 'reset_layers'` of its not yet created layer
+    manager) and stay empty for good, so retrying the upload does not help. The editor appends its
+    canvas to the page at the end of that initialisation: on a busy 2-core machine up to a few
+    seconds after the placeholder.
+    """
+    page.locator(f"#{editor_id} canvas").first.wait_for(state="attached", timeout=60_000)
+
+
 def test_scribble_tab(page):
     open_tab(page, "Scribble editing")
     placeholder = page.locator("#sc-editor").get_by_text("Upload an image")
     sync_api.expect(placeholder).to_be_visible(timeout=30_000)  # the editor is rendered and empty
-    for _ in range(3):  # a file set while the freshly shown editor is still mounting can be dropped
-        page.locator("#sc-editor input[type=file]").first.set_input_files(str(EX / "noto_grinning_face.png"))
-        try:
-            sync_api.expect(placeholder).to_be_hidden(timeout=10_000)
-            break
-        except AssertionError:
-            continue
-    sync_api.expect(placeholder).to_be_hidden()
+    editor_ready(page, "sc-editor")
+    page.locator("#sc-editor input[type=file]").first.set_input_files(str(EX / "noto_grinning_face.png"))
+    sync_api.expect(placeholder).to_be_hidden(timeout=30_000)
     canvas = image_box(page, "sc-editor")
     page.wait_for_timeout(1000)  # let the editor paint the background before drawing over it
     stroke(page, canvas, [(0.25, 0.38), (0.45, 0.36), (0.55, 0.36), (0.75, 0.38)])  # sunglasses over the eyes
