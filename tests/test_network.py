@@ -176,6 +176,13 @@ def test_inference_mode_in_place_ops_match_autograd_forward(scale_shift, updown,
         got = unet(x, t)
     assert torch.equal(x, x_before)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    # the same under CPU autocast, where every activation after the first conv is bf16
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected_bf16 = unet(x, t)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got_bf16 = unet(x, t)
+    assert got_bf16.dtype == expected_bf16.dtype
+    torch.testing.assert_close(got_bf16, expected_bf16, rtol=0, atol=0)
     # and gradients still flow through the out-of-place path
     unet(x, t).square().mean().backward()
     assert all(p.grad is not None for p in unet.parameters())
