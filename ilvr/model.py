@@ -28,6 +28,8 @@ def inference_unet(unet: UNet, device: torch.device, dtype: torch.dtype, channel
     if torch.device(device).type == "cuda" and dtype != torch.float32:
         unet.to_compute_dtype(dtype)
     return unet
+
+
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 

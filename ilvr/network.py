@@ -98,6 +98,11 @@ def _in_place() -> bool:
     return not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
 
 
+def _residual_add(h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    """skip + h; written into h (a block's fresh output) where ``_in_place`` allows."""
+    return h.add_(skip) if _in_place() else skip + h
+
+
 class SiLUAfterNorm(nn.SiLU):
     """SiLU that works in place under inference_mode. Only for an input nothing else reads (a norm's or a
     sum's fresh output): never for the timestep embedding, which every ResBlock shares."""
@@ -163,8 +168,7 @@ class ResBlock(nn.Module):
             h = self.out_layers[1:](torch.addcmul(shift, self.out_layers[0](h), 1 + scale))
         else:
             h = self.out_layers(h + emb_out)
-        skip = self.skip_connection(x)
-        return h.add_(skip) if _in_place() else skip + h
+        return _residual_add(h, self.skip_connection(x))
 
 
 class AttentionBlock(nn.Module):
@@ -188,9 +192,7 @@ class AttentionBlock(nn.Module):
         q, k, v = qkv.unbind(dim=2)
         h = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, d)
         h = h.transpose(-1, -2).reshape(b, c, -1)
-        out = self.proj_out(h)
-        out = out.add_(flat) if _in_place() else flat + out
-        return out.reshape(b, c, height, width)
+        return _residual_add(self.proj_out(h), flat).reshape(b, c, height, width)
 
 
 class TimestepSequential(nn.Sequential):

@@ -158,14 +158,18 @@ def test_downsample_padding_differs_between_families():
         assert not torch.allclose(sym(x), asym(x))
 
 
+def _tiny_unet(**config) -> UNet:
+    """16 px, two levels, attention at the second: every block type, in milliseconds."""
+    return UNet(UNetConfig(image_size=16, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                           attention_levels=(1,), **config)).eval()
+
+
 @pytest.mark.parametrize("scale_shift,updown,heads", [(True, True, 16), (False, False, -1)])
 def test_inference_mode_in_place_ops_match_autograd_forward(scale_shift, updown, heads):
     """inference_mode runs SiLU and the residual adds in place; the result must equal the out-of-place
     forward that training and torch.no_grad use, and must leave the caller's input untouched."""
     torch.manual_seed(0)
-    cfg = UNetConfig(image_size=16, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
-                     num_head_channels=heads, use_scale_shift_norm=scale_shift, resblock_updown=updown)
-    unet = UNet(cfg).eval()
+    unet = _tiny_unet(num_head_channels=heads, use_scale_shift_norm=scale_shift, resblock_updown=updown)
     for p in unet.parameters():  # random, not zero-initialised outputs, so every branch contributes
         torch.nn.init.normal_(p, std=0.05)
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 700])
@@ -191,9 +195,7 @@ def test_inference_mode_in_place_ops_match_autograd_forward(scale_shift, updown,
 def test_unet_traces_into_one_graph_for_torch_compile():
     """`--compile` is only fast if dynamo sees the whole forward: any graph break (e.g. a Python-level
     query it cannot trace) splits it into pieces run eagerly in between."""
-    cfg = UNetConfig(image_size=16, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
-                     num_head_channels=16, resblock_updown=True)
-    unet = UNet(cfg).eval()
+    unet = _tiny_unet(num_head_channels=16, resblock_updown=True)
     torch._dynamo.reset()
     try:
         with torch.inference_mode():
