@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import gc
 import json
 import math
@@ -49,6 +48,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .cpu_memory import keep_freed_heap, release_freed_heap
 from .filters import LowPass, resize_right_lowpass
 from .model import DiffusionModel, inference_unet
 from .network import UNet, UNetConfig, count_parameters
@@ -184,13 +184,6 @@ def _rss_bytes() -> int | None:
         return None
 
 
-def _malloc_trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 class CpuPeakRss:
     """Peak RSS growth of this process while the block runs, sampled by a thread every `interval` s."""
 
@@ -201,7 +194,7 @@ class CpuPeakRss:
 
     def __enter__(self) -> "CpuPeakRss":
         gc.collect()
-        _malloc_trim()
+        release_freed_heap()
         self._start = _rss_bytes()
         if self._start is None:  # no /proc: fall back on ru_maxrss (only meaningful for a new high)
             import resource
@@ -482,7 +475,9 @@ def format_result(res: dict[str, Any]) -> str:
 
 def environment() -> dict[str, Any]:
     env = {"torch": torch.__version__, "threads": torch.get_num_threads(),
-           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "cpu_count": os.cpu_count()}
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "cpu_count": os.cpu_count(),
+           # applied here as load_model would (the plain loop runs in this process too, so it shares the setting)
+           "glibc_heap_kept": keep_freed_heap()}
     try:
         env["load_average_1min"] = os.getloadavg()[0]
     except OSError:
@@ -495,6 +490,7 @@ def environment() -> dict[str, Any]:
 def format_environment(env: dict[str, Any]) -> str:
     s = (f"ILVR Studio speed benchmark -- torch {env['torch']}, {env['threads']} CPU thread(s) "
          f"(OMP_NUM_THREADS={env['OMP_NUM_THREADS']}), {env['cpu_count']} CPU(s)")
+    s += ", freed heap kept (ilvr.cpu_memory)" if env.get("glibc_heap_kept") else ", allocator defaults"
     if "load_average_1min" in env:
         s += f", load average {env['load_average_1min']:.1f} at start"
     if "cuda_device" in env:

@@ -194,9 +194,11 @@ def cmd_bench(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .cpu_memory import keep_freed_heap
     from .images import ImageError
     from .loading import ModelLoadError
 
+    keep_freed_heap()  # every command runs UNet calls (train and bench on CPU too); see ilvr.cpu_memory
     try:
         return {"sample": cmd_sample, "info": cmd_info, "train": cmd_train, "bench": cmd_bench}[args.command](args)
     except (ModelLoadError, ImageError, ValueError, FileNotFoundError) as e:

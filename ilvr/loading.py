@@ -22,6 +22,7 @@ from typing import Any, Mapping
 
 import torch
 
+from .cpu_memory import keep_freed_heap
 from .model import DiffusionModel, inference_unet
 from .network import UNet, UNetConfig
 from .schedule import DiffusionConfig
@@ -477,6 +478,8 @@ def load_model(source: str | os.PathLike, device: str | torch.device | None = "a
     dtype is the compute dtype: default float32 on CPU and float16 on CUDA (bf16 where supported
     is also fine). channels_last (default: on CPU only) stores the weights in oneDNN's preferred
     layout, about 20% faster on CPU (``python -m ilvr bench``); on CUDA it measured slower.
+    On CPU this also fixes glibc's heap thresholds for the process (``ilvr.cpu_memory``: otherwise every
+    step page-faults its activations in afresh).
     overrides: image_size, num_head_channels, attention_order ('legacy'|'new') and any
     DiffusionConfig field (e.g. variance_type='fixed_large').
     """
@@ -502,6 +505,8 @@ def load_model(source: str | os.PathLike, device: str | torch.device | None = "a
         unet, diffusion, info = load_local(path, **overrides)
         info["repo_id"] = repo_id
     dtype = resolve_dtype(dtype, dev)
+    if dev.type == "cpu":
+        keep_freed_heap()
     unet = inference_unet(unet, dev, dtype, dev.type == "cpu" if channels_last is None else channels_last)
     return DiffusionModel(unet=unet, diffusion=diffusion, name=name, device=dev, dtype=dtype, source=name,
                           info=info)
