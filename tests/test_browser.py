@@ -7,6 +7,7 @@ test-artifacts/ (look at them).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -66,8 +67,19 @@ def open_tab(page, label: str) -> None:
 def set_advanced(page, prefix: str, steps: str, samples: int) -> None:
     page.locator(f"#{prefix}-advanced").get_by_text("Advanced settings").click()
     steps_box = page.locator(f"#{prefix}-steps input")
-    steps_box.fill(steps)
-    steps_box.evaluate("e => e.blur()")  # blur keeps the typed value (Enter would pick the first match: 250 for 25)
+    sync_api.expect(steps_box).to_be_editable()
+    steps_box.click()  # opens the list, as a person would
+    options = page.locator(f"#{prefix}-steps").get_by_role("option")
+    sync_api.expect(options.first).to_be_visible()
+    option = options.filter(has_text=re.compile(rf"^\W*{re.escape(steps)}$"))  # "✓ 250" when selected
+    if option.count():
+        # pick it from the list: typing a listed value races the dropdown's filtering under load (seen in CI:
+        # "25" typed and blurred came back as "250")
+        option.click()
+    else:  # a custom value: type it; blur keeps it (Enter would pick the first match)
+        steps_box.fill(steps)
+        sync_api.expect(steps_box).to_have_value(steps)
+        steps_box.evaluate("e => e.blur()")
     samples_box = page.locator(f"#{prefix}-samples input[type=number]")
     samples_box.fill(str(samples))
     samples_box.press("Enter")
