@@ -37,7 +37,8 @@ def _run(env_extra: dict[str, str]) -> dict:
            if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "ILVR_KEEP_FREED_HEAP")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **env_extra)
     out = subprocess.run([sys.executable, "-c", FAULTS_PER_CALL], env=env, cwd=ROOT, capture_output=True, text=True,
-                         timeout=300, check=True)
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
