@@ -5,6 +5,7 @@
 #
 #   bash scripts/gpu_check.sh                    # all three parts, about 8 minutes on an H100
 #   PARTS="tests bench" bash scripts/gpu_check.sh
+#   PARTS=profile bash scripts/gpu_check.sh       # where a compiled batch-1 ADM step's time goes (not in the default)
 #
 # The benchmark needs resize-right for its plain loop; on a machine without package access, put its
 # wheel in .whl/ first (`pip download resize-right==0.0.2 -d .whl`) and this script installs it.
@@ -42,7 +43,9 @@ for part in $PARTS; do
     bench)   run_part bench 200 "$PYTHON" -m ilvr bench --json "$OUT/${PREFIX}_bench.json" ;;
     compile) run_part bench_compile 280 "$PYTHON" -m ilvr bench --models adm256 --compile --repeats 2 \
                  --json "$OUT/${PREFIX}_bench_compile.json" ;;
-    *) echo "unknown part '$part' (tests, bench, compile)" >&2; status=1 ;;
+    profile) run_part profile 200 "$PYTHON" scripts/profile_step.py --model adm256 --compile \
+                 --out "$OUT/${PREFIX}_profile" ;;
+    *) echo "unknown part '$part' (tests, bench, compile, profile)" >&2; status=1 ;;
   esac
 done
 exit $status

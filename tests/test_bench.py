@@ -5,6 +5,10 @@ CPU only, tiny random model, no timing assertions.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,3 +98,14 @@ def test_bench_command_prints_the_table(tiny_model, monkeypatch, tmp_path, capsy
 def test_bench_rejects_unknown_setup(capsys):
     assert main(["bench", "--models", "bogus", "--steps", "2"]) == 2
     assert "unknown --models" in capsys.readouterr().err
+
+
+def test_profile_step_script_shows_the_ops_ilvr_adds(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "scripts/profile_step.py", "--skip", "0", "--active", "1", "--rows", "3",
+                          "--out", str(tmp_path)], cwd=root, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    added = run.stdout.split("ops ILVR calls more often")[1].split("\n== ")[0]
+    assert "aten::matmul" in added  # phi_N as two matrices: the profile sees ILVR's own work
+    assert (tmp_path / "ilvr.json").is_file() and (tmp_path / "unconditional.json").is_file()
