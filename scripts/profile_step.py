@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 from torch.profiler import ProfilerActivity, profile, schedule
@@ -37,7 +36,7 @@ def profile_run(model, reference, args, cuda: bool, trace: Path):
     for e in prof.key_averages():
         us = (e.self_device_time_total if cuda else e.self_cpu_time_total) / args.active
         per_step[e.key] = (us, e.count / args.active)
-    return per_step, prof
+    return per_step
 
 
 def main() -> None:
@@ -73,7 +72,7 @@ def main() -> None:
     results = {}
     for label, ref in (("unconditional", None), ("ilvr", reference)):
         sample(fast, ref, seeds=list(range(args.batch)), n_factor=args.N, steps=3)  # compile / capture first
-        per_step, prof = profile_run(fast, ref, args, cuda, out / f"{label}.json")
+        per_step = profile_run(fast, ref, args, cuda, out / f"{label}.json")
         results[label] = per_step
         total = sum(us for us, _ in per_step.values())
         print(f"\n== {label}: {total / 1000:.3f} ms of self {clock} time per step (trace: {out / (label + '.json')})")
@@ -81,18 +80,17 @@ def main() -> None:
             print(f"  {us / 1000:9.3f} ms  {calls:6.1f} calls  {key[:90]}")
 
     base = results["unconditional"]
-    extra_calls = {key: (us, calls - base.get(key, (0.0, 0.0))[1]) for key, (us, calls) in results["ilvr"].items()}
+    # per op: (self time in the ILVR run, extra self time, extra calls) against the unconditional run
+    diff = {key: (us, us - base.get(key, (0.0, 0.0))[0], calls - base.get(key, (0.0, 0.0))[1])
+            for key, (us, calls) in results["ilvr"].items()}
     print(f"\n== ops ILVR calls more often per step (exact), with their self {clock} time in the ILVR run")
-    for key, (us, more) in sorted(extra_calls.items(), key=lambda kv: -kv[1][0]):
+    for key, (us, _, more) in sorted(diff.items(), key=lambda kv: -kv[1][0]):
         if more > 0.5:
             print(f"  {us / 1000:9.3f} ms  +{more:4.1f} calls  {key[:90]}")
-    added = defaultdict(float)
-    for key, (us, _) in results["ilvr"].items():
-        added[key] = us - base.get(key, (0.0, 0))[0]
     print(f"\n== self {clock} time ILVR adds per op (ILVR - unconditional; on CPU mostly run-to-run noise)")
-    for key, us in sorted(added.items(), key=lambda kv: -kv[1])[:args.rows]:
-        if us > 0:
-            print(f"  {us / 1000:9.3f} ms  {key[:90]}")
+    for key, (_, added, _) in sorted(diff.items(), key=lambda kv: -kv[1][1])[:args.rows]:
+        if added > 0:
+            print(f"  {added / 1000:9.3f} ms  {key[:90]}")
 
 
 if __name__ == "__main__":
