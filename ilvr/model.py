@@ -2,17 +2,14 @@
 from __future__ import annotations
 
 import contextlib
-import threading
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
+from .cuda_graphs import GraphedPredict
 from .network import UNet
 from .schedule import DiffusionConfig, Schedule
-
-_CAPTURE_LOCK = threading.Lock()
 
 
 def inference_unet(unet: UNet, device: torch.device, dtype: torch.dtype, channels_last: bool) -> UNet:
@@ -51,6 +48,7 @@ class DiffusionModel:
     source: str = ""
     info: dict[str, Any] = field(default_factory=dict)
     cuda_graphs: bool = True  # on a GPU, replay each sampling run's UNet call as one CUDA graph
+    failed_captures: int = field(default=0, repr=False)  # in a row; see ilvr.cuda_graphs.GraphedPredict
 
     def __post_init__(self) -> None:
         self.device = torch.device(self.device)
@@ -77,9 +75,8 @@ class DiffusionModel:
     def denoiser(self) -> Denoiser:
         """``predict`` for one sampling run: on a GPU, captured as a CUDA graph at the first call.
 
-        A UNet step at small batch sizes is hundreds of small kernels whose launches cost more host time
-        than the GPU needs to run them; replaying a graph launches them all at once. The graph (and its
-        memory) belongs to the run, so concurrent runs never share buffers.
+        The graph (and its memory) belongs to the run, so concurrent runs never share buffers; see
+        ``ilvr.cuda_graphs`` for why and how runs on one GPU stay out of each other's captures.
         """
         if self.device.type == "cuda" and self.cuda_graphs:
             return GraphedPredict(self)
@@ -99,48 +96,3 @@ class DiffusionModel:
                 "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
                 "unet": self.unet.config.to_dict(), "diffusion": self.diffusion.to_dict()}
 
-
-class GraphedPredict:
-    """``model.predict`` replayed from a CUDA graph; captured at the first call, for that input shape.
-
-    A call with another shape, or with autograd on, runs ``model.predict`` directly.
-    """
-
-    WARMUP_CALLS = 2  # cuDNN picks its algorithms and workspaces before capture, as PyTorch advises
-
-    def __init__(self, model: DiffusionModel):
-        self.model = model
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.key: tuple | None = None
-
-    def _capture(self, x: torch.Tensor, t: torch.Tensor) -> None:
-        self.static_x, self.static_t = x.clone(), t.clone()
-        side = torch.cuda.Stream(x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(side):
-            for _ in range(self.WARMUP_CALLS):
-                self.model.predict(self.static_x, self.static_t)
-        torch.cuda.current_stream(x.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # one capture at a time in this process; thread_local: another run's work on this GPU (the app
-        # serves several users at once) does not invalidate this capture
-        with _CAPTURE_LOCK, torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            self.static_out = self.model.predict(self.static_x, self.static_t)
-        self.graph, self.key = graph, (x.shape, x.dtype, t.shape, x.device)
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        key = (x.shape, x.dtype, t.shape, x.device)
-        if torch.is_grad_enabled() or not self.model.cuda_graphs or (self.graph is not None and key != self.key):
-            return self.model.predict(x, t)
-        if self.graph is None:
-            try:
-                self._capture(x, t)
-            except RuntimeError as e:  # e.g. a GPU runtime that forbids capture: run eagerly from now on
-                warnings.warn(f"CUDA graph capture failed, running the UNet eagerly: {e}", RuntimeWarning)
-                self.model.cuda_graphs = False
-                self.graph, self.key = None, None
-                return self.model.predict(x, t)
-        self.static_x.copy_(x)
-        self.static_t.copy_(t)
-        self.graph.replay()
-        return self.static_out.clone()  # the next replay overwrites static_out

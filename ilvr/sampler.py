@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .cuda_graphs import gpu_work
 from .filters import LowPass, check_factor, check_kernel
 from .model import DiffusionModel
 from .schedule import ddim_step, parse_steps, predict_step
@@ -63,7 +64,11 @@ def _noise(generators: Sequence[torch.Generator], shape: tuple[int, ...], device
 def _draw(generators: Sequence[torch.Generator], shape: tuple[int, ...], pinned: bool,
           fanout: ThreadPoolExecutor | None = None) -> torch.Tensor:
     """One draw for every sample; with `fanout`, the samples' generators run in parallel threads."""
-    noise = torch.empty((len(generators), *shape), pin_memory=pinned)
+    if pinned:
+        with gpu_work(torch.device("cuda")):  # a pinned allocation may synchronise the GPU: not during a capture
+            noise = torch.empty((len(generators), *shape), pin_memory=True)
+    else:
+        noise = torch.empty((len(generators), *shape))
 
     def one(k: int) -> None:
         torch.randn(shape, generator=generators[k], out=noise[k])
@@ -77,7 +82,8 @@ def _draw(generators: Sequence[torch.Generator], shape: tuple[int, ...], pinned:
 
 
 def _to_device(noise: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return noise.to(device, non_blocking=noise.is_pinned())
+    with gpu_work(device):
+        return noise.to(device, non_blocking=noise.is_pinned())
 
 
 class NoiseSource:
@@ -171,12 +177,16 @@ def sample(
             raise ValueError(f"reference must be {channels}x{size}x{size} for this model, got {tuple(y.shape[1:])}")
         if y.shape[0] not in (1, batch):
             raise ValueError(f"got {y.shape[0]} references for {batch} samples")
-        y = y.expand(batch, -1, -1, -1).to(device)
-    lowpass = LowPass(size, size, n_factor, kernel, device=device) if y is not None else None
+        with gpu_work(device):
+            y = y.expand(batch, -1, -1, -1).to(device)
+            lowpass = LowPass(size, size, n_factor, kernel, device=device)
+    else:
+        lowpass = None
     if mask is not None:
         if y is None:
             raise ValueError("a mask needs a reference")
-        mask = mask.float().to(device)
+        with gpu_work(device):
+            mask = mask.float().to(device)
         while mask.dim() < 4:
             mask = mask[None]
         if mask.shape[-2:] != (size, size):
@@ -190,23 +200,29 @@ def sample(
         with torch.inference_mode():
             x = noise()
             for i in reversed(range(total)):
+                # GPU work goes through the gate (ilvr.cuda_graphs) in short blocks that never wait for
+                # another thread; denoise and noise() pass it themselves
                 t_model = int(schedule.timestep_map[i])
-                t = torch.full((batch,), t_model, device=device, dtype=torch.long)
-                out = predict_step(schedule, model.diffusion, denoise(x, t), x, i)
+                with gpu_work(device):
+                    t = torch.full((batch,), t_model, device=device, dtype=torch.long)
+                model_output = denoise(x, t)
+                with gpu_work(device):
+                    out = predict_step(schedule, model.diffusion, model_output, x, i)
                 z = noise()
                 eps = noise() if y is not None else None
-                if sampler == "ddim":
-                    x = ddim_step(schedule, out, i, eta, z)
-                else:
-                    x = out.mean + (torch.exp(0.5 * out.log_variance) * z if i > 0 else 0.0)
-                if y is not None:
-                    abar_prev = float(schedule.alphas_cumprod_prev[i])  # 1.0 at i = 0: the clean reference
-                    y_prev = math.sqrt(abar_prev) * y + math.sqrt(1 - abar_prev) * eps
-                    if refine[i]:
-                        correction = lowpass(y_prev - x)
-                        x = x + (correction if mask is None else mask * correction)
-                    if keep_outside and mask is not None:
-                        x = mask * x + (1 - mask) * y_prev
+                with gpu_work(device):
+                    if sampler == "ddim":
+                        x = ddim_step(schedule, out, i, eta, z)
+                    else:
+                        x = out.mean + (torch.exp(0.5 * out.log_variance) * z if i > 0 else 0.0)
+                    if y is not None:
+                        abar_prev = float(schedule.alphas_cumprod_prev[i])  # 1.0 at i = 0: the clean reference
+                        y_prev = math.sqrt(abar_prev) * y + math.sqrt(1 - abar_prev) * eps
+                        if refine[i]:
+                            correction = lowpass(y_prev - x)
+                            x = x + (correction if mask is None else mask * correction)
+                        if keep_outside and mask is not None:
+                            x = mask * x + (1 - mask) * y_prev
                 if progress is not None:
                     progress(StepInfo(index=total - i, total=total, timestep=t_model, pred_x0=out.pred_x0,
                                       elapsed_s=time.time() - start))
