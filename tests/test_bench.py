@@ -109,3 +109,11 @@ def test_profile_step_script_shows_the_ops_ilvr_adds(tmp_path):
     added = run.stdout.split("ops ILVR calls more often")[1].split("\n== ")[0]
     assert "aten::matmul" in added  # phi_N as two matrices: the profile sees ILVR's own work
     assert (tmp_path / "ilvr.json").is_file() and (tmp_path / "unconditional.json").is_file()
+
+
+def test_timed_steps_are_full_runs_only_for_brief_cuda_runs():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert bench.timed_steps(None, cpu, 1) == bench.TIMED_STEPS == 50
+    assert bench.timed_steps(None, cuda, 8) == bench.TIMED_STEPS
+    assert bench.timed_steps(None, cuda, 1) == bench.FULL_STEPS == 250
+    assert bench.timed_steps(12, cuda, 1) == 12
