@@ -116,7 +116,7 @@ class GraphedPredict:
                 self.model.failed_captures += 1
                 if self.model.failed_captures >= self.GIVE_UP_AFTER:
                     self.model.cuda_graphs = False
-                warnings.warn(f"CUDA graph capture failed, running this sample eagerly "
+                warnings.warn(f"CUDA graph capture failed, this sampling run goes on eagerly "
                               f"({self.model.failed_captures} failure(s) in a row; the model stops trying after "
                               f"{self.GIVE_UP_AFTER}): {e}", RuntimeWarning)
                 return self._eager(x, t)
