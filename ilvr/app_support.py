@@ -155,11 +155,12 @@ class ModelCache:
 
 
 def device_label(model: DiffusionModel) -> str:
-    """For example 'CPU, float32' or 'CUDA (NVIDIA H100 80GB HBM3), bfloat16'."""
+    """For example 'CPU, float32, onnxruntime' or 'CUDA (NVIDIA H100 80GB HBM3), bfloat16'."""
     dtype = str(model.dtype).replace("torch.", "")
     if model.device.type == "cuda":
         return f"CUDA ({torch.cuda.get_device_name(model.device)}), {dtype}"
-    return f"{model.device.type.upper()}, {dtype}"
+    runtime = ", onnxruntime" if model.cpu_runtime is not None else ""
+    return f"{model.device.type.upper()}, {dtype}{runtime}"
 
 
 # ----------------------------------------------------------------------------- parsing user input

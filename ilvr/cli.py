@@ -101,7 +101,7 @@ def cmd_info(args) -> int:
     from .loading import load_model
     from .network import count_parameters
 
-    model = load_model(args.model, device="cpu")
+    model = load_model(args.model, device="cpu", cpu_backend="torch")  # only looked at: no onnxruntime export
     d = model.describe()
     d["parameters"] = count_parameters(model.unet)
     d["format"] = model.info.get("family")

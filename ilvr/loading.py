@@ -23,6 +23,8 @@ from typing import Any, Mapping
 import torch
 
 from .cpu_memory import keep_freed_heap
+from .onnx_cpu import cpu_backend as cpu_backend_choice
+from .onnx_cpu import onnx_unet
 from .model import DiffusionModel, inference_unet
 from .network import UNet, UNetConfig
 from .schedule import DiffusionConfig
@@ -472,14 +474,15 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 def load_model(source: str | os.PathLike, device: str | torch.device | None = "auto",
                dtype: torch.dtype | str | None = None, *, filename: str | None = None, revision: str | None = None,
                cache_dir: str | os.PathLike | None = None, channels_last: bool | None = None,
-               **overrides) -> DiffusionModel:
+               cpu_backend: str | None = None, **overrides) -> DiffusionModel:
     """Load a model from a bundled name, local file/folder or Hub repo id (see module docstring).
 
     dtype is the compute dtype: default float32 on CPU and float16 on CUDA (bf16 where supported
     is also fine). channels_last (default: on CPU only) stores the weights in oneDNN's preferred
     layout, about 20% faster on CPU (``python -m ilvr bench``); on CUDA it measured slower.
     On CPU this also fixes glibc's heap thresholds for the process (``ilvr.cpu_memory``: otherwise every
-    step page-faults its activations in afresh).
+    step page-faults its activations in afresh), and in float32 samples through onnxruntime
+    (``ilvr.onnx_cpu``; cpu_backend='torch' or ILVR_CPU_BACKEND=torch keeps PyTorch).
     overrides: image_size, num_head_channels, attention_order ('legacy'|'new') and any
     DiffusionConfig field (e.g. variance_type='fixed_large').
     """
@@ -507,9 +510,13 @@ def load_model(source: str | os.PathLike, device: str | torch.device | None = "a
     dtype = resolve_dtype(dtype, dev)
     if dev.type == "cpu":
         keep_freed_heap()
+    backend = cpu_backend_choice(cpu_backend)  # checked before the slow part
     unet = inference_unet(unet, dev, dtype, dev.type == "cpu" if channels_last is None else channels_last)
-    return DiffusionModel(unet=unet, diffusion=diffusion, name=name, device=dev, dtype=dtype, source=name,
-                          info=info)
+    model = DiffusionModel(unet=unet, diffusion=diffusion, name=name, device=dev, dtype=dtype, source=name,
+                           info=info)
+    if dev.type == "cpu" and dtype == torch.float32 and backend == "onnxruntime":
+        model.cpu_runtime = onnx_unet(unet)
+    return model
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:

@@ -49,6 +49,7 @@ class DiffusionModel:
     info: dict[str, Any] = field(default_factory=dict)
     cuda_graphs: bool = True  # on a GPU, replay each sampling run's UNet call as one CUDA graph
     failed_captures: int = field(default=0, repr=False)  # in a row; see ilvr.cuda_graphs.GraphedPredict
+    cpu_runtime: Any = field(default=None, repr=False)  # ilvr.onnx_cpu.OnnxUNet: runs predict on CPU in fp32
 
     def __post_init__(self) -> None:
         self.device = torch.device(self.device)
@@ -69,6 +70,8 @@ class DiffusionModel:
         return contextlib.nullcontext()
 
     def predict(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.cpu_runtime is not None and not torch.is_grad_enabled() and x.device.type == "cpu":
+            return self.cpu_runtime(x, t)
         with self._autocast():
             return self.unet(x, t).float()
 
@@ -86,8 +89,10 @@ class DiffusionModel:
         """torch.compile the UNet in place: fused kernels, about 2x faster per step on an H100 at batch 8.
 
         Each batch size is compiled at its first use (about a minute for a 256 px ADM), so this pays
-        off for long runs such as folder translation, not for a single sample.
+        off for long runs such as folder translation, not for a single sample. On CPU it replaces the
+        onnxruntime copy (``cpu_runtime``): the compiled PyTorch UNet runs instead.
         """
+        self.cpu_runtime = None
         self.unet.compile(dynamic=False)
         return self
 

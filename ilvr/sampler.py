@@ -19,6 +19,7 @@ import math
 import os
 import time
 from collections import deque
+from contextlib import nullcontext
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -28,6 +29,7 @@ import torch
 from .cuda_graphs import gpu_work
 from .filters import LowPass, check_factor, check_kernel
 from .model import DiffusionModel
+from .onnx_cpu import torch_ops_single_threaded
 from .schedule import ddim_step, parse_steps, predict_step
 
 SAMPLERS = ("ddpm", "ddim")
@@ -195,9 +197,10 @@ def sample(
 
     noise = NoiseSource([torch.Generator().manual_seed(int(s)) for s in seeds], (channels, size, size), device)
     denoise = model.denoiser()
+    own_ops = torch_ops_single_threaded() if model.cpu_runtime is not None and device.type == "cpu" else nullcontext()
     start = time.time()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), own_ops:
             x = noise()
             for i in reversed(range(total)):
                 # GPU work goes through the gate (ilvr.cuda_graphs) in short blocks that never wait for

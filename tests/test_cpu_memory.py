@@ -18,7 +18,7 @@ import json, resource, torch
 from ilvr.cpu_memory import keep_freed_heap
 from ilvr.loading import load_model
 
-model = load_model("emoji64", device="cpu")
+model = load_model("emoji64", device="cpu", cpu_backend="torch")  # the PyTorch UNet is what is measured
 x = torch.randn(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
 t = torch.tensor([500])
 with torch.inference_mode():
