@@ -49,6 +49,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .cpu_memory import keep_freed_heap, release_freed_heap
+from .onnx_cpu import cpu_backend as cpu_backend_choice
+from .onnx_cpu import onnx_unet
 from .filters import LowPass, resize_right_lowpass
 from .model import DiffusionModel, inference_unet
 from .network import UNet, UNetConfig, count_parameters
@@ -85,7 +87,8 @@ def bundled_model(source: str = "emoji64", device: str | torch.device = "cpu") -
 
     try:
         # the plain loop's network: fp32 in the default layout (make_fast makes the fast path's copy)
-        return load_model(source, device=device, dtype=torch.float32, channels_last=False), "trained weights"
+        return (load_model(source, device=device, dtype=torch.float32, channels_last=False, cpu_backend="torch"),
+                "trained weights")
     except (ModelLoadError, OSError) as e:
         config_path = CHECKPOINTS_DIR / source / "config.json"
         if not config_path.is_file():
@@ -97,8 +100,10 @@ def bundled_model(source: str = "emoji64", device: str | torch.device = "cpu") -
 
 
 def make_fast(model: DiffusionModel, *, dtype: torch.dtype | None = None, channels_last: bool = False,
-              compile: bool = False, compile_mode: str | None = None, cuda_graphs: bool = True) -> DiffusionModel:
-    """The same weights set up for speed: compute dtype, channels_last, torch.compile, CUDA graphs.
+              compile: bool = False, compile_mode: str | None = None, cuda_graphs: bool = True,
+              cpu_backend: str | None = "torch") -> DiffusionModel:
+    """The same weights set up for speed: compute dtype, channels_last, torch.compile, CUDA graphs, and
+    on CPU in fp32 onnxruntime where cpu_backend asks for it (None: as load_model chooses).
 
     On CUDA a half-precision dtype stores the weights in it (as ``load_model`` does); on CPU it runs
     under autocast. Any change works on a copy of the UNet, so ``model`` itself stays a plain fp32
@@ -114,9 +119,13 @@ def make_fast(model: DiffusionModel, *, dtype: torch.dtype | None = None, channe
             # to a dynamic-shape graph, which is slower). mode "reduce-overhead" adds CUDA graphs.
             unet.compile(dynamic=False, mode=None if compile_mode in (None, "default") else compile_mode)
     own_graphs = compile and compile_mode not in (None, "default")  # reduce-overhead/max-autotune capture their own
-    return DiffusionModel(unet=unet, diffusion=model.diffusion, name=model.name, device=model.device,
+    fast = DiffusionModel(unet=unet, diffusion=model.diffusion, name=model.name, device=model.device,
                           dtype=dtype, source=model.source, info=dict(model.info),
                           cuda_graphs=cuda_graphs and not own_graphs)
+    if (model.device.type == "cpu" and dtype == torch.float32 and not compile
+            and cpu_backend_choice(cpu_backend) == "onnxruntime"):
+        fast.cpu_runtime = onnx_unet(unet)
+    return fast
 
 
 # ----------------------------------------------------------------------------- the straightforward loop
@@ -339,12 +348,12 @@ def _run_sequential(variants: list[Variant], steps: int, device: torch.device, f
 def bench_setup(model: DiffusionModel, *, label: str, weights_note: str, batch: int, steps: int, repeats: int,
                 n_factor: int, kernel: str, fast_dtype: torch.dtype, channels_last: bool, compile: bool,
                 compile_mode: str | None, seed: int = 0, full_steps: int = 0, fp32_variant: bool = True,
-                cuda_graphs: bool = True, stat: str = "median", clock: str = "wall",
+                cuda_graphs: bool = True, stat: str = "median", clock: str = "wall", cpu_backend: str | None = None,
                 log: Callable[[str], None] = print) -> dict[str, Any]:
     """Time unconditional / ours / plain for one model, device and batch size. Returns a result dict."""
     device = model.device
     fast = make_fast(model, dtype=fast_dtype, channels_last=channels_last, compile=compile, compile_mode=compile_mode,
-                     cuda_graphs=cuda_graphs)
+                     cuda_graphs=cuda_graphs, cpu_backend=cpu_backend)
     fp32 = torch.float32
     reference = synthetic_reference(model.image_size, model.config.in_channels, seed)
     seeds = [seed + k for k in range(batch)]
@@ -362,8 +371,14 @@ def bench_setup(model: DiffusionModel, *, label: str, weights_note: str, batch: 
         return sample(fast, None, seeds=seeds, steps=s, progress=hook(on_step))
 
     fast_bytes = _param_bytes(fast.unet)
-    variants = [Variant("unconditional", uncond, fast_bytes, dname(fast_dtype)),
-                Variant("ILVR, ours (fast path)", ours(fast), fast_bytes, dname(fast_dtype))]
+    # with onnxruntime the process holds the weights twice: the PyTorch UNet and the session's copy
+    ours_bytes = fast_bytes * (2 if fast.cpu_runtime is not None else 1)
+    variants = [Variant("unconditional", uncond, ours_bytes, dname(fast_dtype)),
+                Variant("ILVR, ours (fast path)", ours(fast), ours_bytes, dname(fast_dtype))]
+    if fast.cpu_runtime is not None:  # what onnxruntime buys over our PyTorch path
+        variants.append(Variant("ILVR, ours on PyTorch", ours(make_fast(model, dtype=fast_dtype,
+                                                                       channels_last=channels_last)),
+                                fast_bytes, dname(fast_dtype)))
     if fast_dtype != fp32 and fp32_variant:  # separate what the dtype buys from what the rest buys
         variants.append(Variant("ILVR, ours in fp32", ours(make_fast(model, dtype=fp32, channels_last=channels_last,
                                                                     compile=compile, compile_mode=compile_mode,
@@ -409,6 +424,7 @@ def bench_setup(model: DiffusionModel, *, label: str, weights_note: str, batch: 
         "N": n_factor, "filter": kernel, "fast_dtype": dname(fast_dtype), "channels_last": channels_last,
         "compile": compile_mode or "default" if compile else False,
         "cuda_graphs": fast.cuda_graphs and device.type == "cuda",
+        "cpu_backend": None if device.type != "cpu" else "onnxruntime" if fast.cpu_runtime is not None else "torch",
         "warmup_s": warmup_s, "memory": mem_method,
         "rows": rows, "ilvr_overhead": ours_t / uncond - 1, "ours_vs_plain": ours_t / plain_t,
         "max_abs_diff_ours_vs_plain": diff,
@@ -435,7 +451,8 @@ def bench_setup(model: DiffusionModel, *, label: str, weights_note: str, batch: 
 def format_result(res: dict[str, Any]) -> str:
     b, steps = res["batch"], res["steps"]
     extras = ["channels_last" if res["channels_last"] else "", f"compile={res['compile']}" if res["compile"] else "",
-              "CUDA graphs" if res.get("cuda_graphs") else ""]
+              "CUDA graphs" if res.get("cuda_graphs") else "",
+              "UNet on onnxruntime" if res.get("cpu_backend") == "onnxruntime" else ""]
     extras = ", ".join(e for e in extras if e)
     lines = [
         f"== {res['setup']}: {res['model']} ({res['weights']}, {res['parameters'] / 1e6:.1f} M params, "
@@ -485,6 +502,11 @@ def environment() -> dict[str, Any]:
         pass
     if torch.cuda.is_available():
         env["cuda_device"] = torch.cuda.get_device_name()
+    try:
+        import onnxruntime
+        env["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
     return env
 
 
@@ -494,6 +516,8 @@ def format_environment(env: dict[str, Any]) -> str:
     s += ", freed heap kept (ilvr.cpu_memory)" if env.get("glibc_heap_kept") else ", allocator defaults"
     if "load_average_1min" in env:
         s += f", load average {env['load_average_1min']:.1f} at start"
+    if "onnxruntime" in env:
+        s += f", onnxruntime {env['onnxruntime']}"
     if "cuda_device" in env:
         s += f", GPU: {env['cuda_device']}"
     return s
@@ -541,6 +565,10 @@ def add_arguments(p) -> None:
     p.add_argument("--compile", action="store_true", help="fast path: torch.compile the UNet (compile time reported as warm-up)")
     p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
                    help="torch.compile mode; reduce-overhead uses CUDA graphs")
+    p.add_argument("--cpu-backend", default=None, choices=["onnxruntime", "torch"],
+                   help="CPU fast path in fp32: the UNet on onnxruntime (default, as load_model does; "
+                        "$ILVR_CPU_BACKEND) or on PyTorch; with onnxruntime a row 'ours on PyTorch' is added. "
+                        "--compile always uses PyTorch")
     p.add_argument("--fp32-variant", action=argparse.BooleanOptionalAction, default=True,
                    help="when the fast path runs in fp16/bf16, also time it in fp32 (default on; "
                         "--no-fp32-variant saves a second torch.compile)")
@@ -600,6 +628,7 @@ def run(args, log: Callable[[str], None] = print) -> dict[str, Any]:
                               compile=args.compile, compile_mode=args.compile_mode,
                               seed=args.seed, full_steps=args.full_steps,
                               fp32_variant=args.fp32_variant, cuda_graphs=args.cuda_graphs, stat=stat, clock=clock,
+                              cpu_backend=args.cpu_backend,
                               log=log)
             results.append(res)
         del model

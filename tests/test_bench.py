@@ -86,8 +86,9 @@ def test_bench_command_prints_the_table(tiny_model, monkeypatch, tmp_path, capsy
     data = json.loads(out_json.read_text())
     (res,) = data["results"]
     assert res["batch"] == 1 and res["steps"] == 2 and res["device"] == "cpu"
-    assert [r["variant"] for r in res["rows"]] == ["unconditional", "ILVR, ours (fast path)",
+    assert [r["variant"] for r in res["rows"]] == ["unconditional", "ILVR, ours (fast path)", "ILVR, ours on PyTorch",
                                                     "ILVR, plain loop (official style)"]
+    assert res["cpu_backend"] == "onnxruntime" and "UNet on onnxruntime" in text
     for row in res["rows"]:
         assert len(row["wall_s"]) == len(row["cpu_s"]) == 2 and row["s_per_sample"] > 0 and row["steps_per_s"] > 0
         assert row["peak_mib"] is None or row["peak_mib"] > 0
