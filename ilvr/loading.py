@@ -23,10 +23,10 @@ from typing import Any, Mapping
 import torch
 
 from .cpu_memory import keep_freed_heap
-from .onnx_cpu import cpu_backend as cpu_backend_choice
-from .onnx_cpu import onnx_unet
 from .model import DiffusionModel, inference_unet
 from .network import UNet, UNetConfig
+from .onnx_cpu import cpu_backend as cpu_backend_choice
+from .onnx_cpu import onnx_unet
 from .schedule import DiffusionConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent

@@ -19,8 +19,8 @@ import math
 import os
 import time
 from collections import deque
-from contextlib import nullcontext
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
