@@ -49,11 +49,11 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .cpu_memory import keep_freed_heap, release_freed_heap
-from .onnx_cpu import cpu_backend as cpu_backend_choice
-from .onnx_cpu import onnx_unet
 from .filters import LowPass, resize_right_lowpass
 from .model import DiffusionModel, inference_unet
 from .network import UNet, UNetConfig, count_parameters
+from .onnx_cpu import cpu_backend as cpu_backend_choice
+from .onnx_cpu import onnx_unet
 from .sampler import conditioned_steps, sample
 from .schedule import DiffusionConfig, predict_step
 
