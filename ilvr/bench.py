@@ -52,8 +52,7 @@ from .cpu_memory import keep_freed_heap, release_freed_heap
 from .filters import LowPass, resize_right_lowpass
 from .model import DiffusionModel, inference_unet
 from .network import UNet, UNetConfig, count_parameters
-from .onnx_cpu import cpu_backend as cpu_backend_choice
-from .onnx_cpu import onnx_unet
+from .onnx_cpu import cpu_runtime_for
 from .sampler import conditioned_steps, sample
 from .schedule import DiffusionConfig, predict_step
 
@@ -119,13 +118,10 @@ def make_fast(model: DiffusionModel, *, dtype: torch.dtype | None = None, channe
             # to a dynamic-shape graph, which is slower). mode "reduce-overhead" adds CUDA graphs.
             unet.compile(dynamic=False, mode=None if compile_mode in (None, "default") else compile_mode)
     own_graphs = compile and compile_mode not in (None, "default")  # reduce-overhead/max-autotune capture their own
-    fast = DiffusionModel(unet=unet, diffusion=model.diffusion, name=model.name, device=model.device,
+    return DiffusionModel(unet=unet, diffusion=model.diffusion, name=model.name, device=model.device,
                           dtype=dtype, source=model.source, info=dict(model.info),
-                          cuda_graphs=cuda_graphs and not own_graphs)
-    if (model.device.type == "cpu" and dtype == torch.float32 and not compile
-            and cpu_backend_choice(cpu_backend) == "onnxruntime"):
-        fast.cpu_runtime = onnx_unet(unet)
-    return fast
+                          cuda_graphs=cuda_graphs and not own_graphs,
+                          cpu_runtime=None if compile else cpu_runtime_for(unet, model.device, dtype, cpu_backend))
 
 
 # ----------------------------------------------------------------------------- the straightforward loop

@@ -112,7 +112,7 @@ class GraphedPredict:
                 self._capture(x, t)
                 self.model.failed_captures = 0
             except RuntimeError as e:
-                self.failed, self.graph, self.key = True, None, None
+                self.failed = True
                 self.model.failed_captures += 1
                 if self.model.failed_captures >= self.GIVE_UP_AFTER:
                     self.model.cuda_graphs = False

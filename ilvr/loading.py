@@ -26,7 +26,7 @@ from .cpu_memory import keep_freed_heap
 from .model import DiffusionModel, inference_unet
 from .network import UNet, UNetConfig
 from .onnx_cpu import cpu_backend as cpu_backend_choice
-from .onnx_cpu import onnx_unet
+from .onnx_cpu import cpu_runtime_for
 from .schedule import DiffusionConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -512,11 +512,8 @@ def load_model(source: str | os.PathLike, device: str | torch.device | None = "a
         keep_freed_heap()
     backend = cpu_backend_choice(cpu_backend)  # checked before the slow part
     unet = inference_unet(unet, dev, dtype, dev.type == "cpu" if channels_last is None else channels_last)
-    model = DiffusionModel(unet=unet, diffusion=diffusion, name=name, device=dev, dtype=dtype, source=name,
-                           info=info)
-    if dev.type == "cpu" and dtype == torch.float32 and backend == "onnxruntime":
-        model.cpu_runtime = onnx_unet(unet)
-    return model
+    return DiffusionModel(unet=unet, diffusion=diffusion, name=name, device=dev, dtype=dtype, source=name,
+                          info=info, cpu_runtime=cpu_runtime_for(unet, dev, dtype, backend))
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:

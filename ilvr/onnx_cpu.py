@@ -80,15 +80,19 @@ class OnnxUNet:
         return torch.from_numpy(np.asarray(self.session.run(None, feed)[0]))
 
 
-def onnx_unet(unet: UNet) -> OnnxUNet | None:
-    """An onnxruntime twin of `unet`, or None (with a warning) where onnxruntime cannot run it."""
+def cpu_runtime_for(unet: UNet, device: torch.device | str, dtype: torch.dtype,
+                    backend: str | None = None) -> OnnxUNet | None:
+    """The onnxruntime twin a model samples with: on CPU, in float32, with the onnxruntime backend
+    (`backend`, else as ``cpu_backend`` chooses). None elsewhere, or (with a warning) where onnxruntime
+    cannot run the UNet."""
+    if torch.device(device).type != "cpu" or dtype != torch.float32 or cpu_backend(backend) != "onnxruntime":
+        return None
     try:
         return OnnxUNet(unet)
     except Exception as e:  # noqa: BLE001 - any failure here only costs speed: sample on PyTorch instead
         warnings.warn(f"onnxruntime cannot run this UNet ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                       f"sampling on PyTorch instead (set {BACKEND_ENV}=torch to skip the attempt)", RuntimeWarning)
         return None
-
 
 _threads_lock = threading.Lock()
 _threads_users = 0
