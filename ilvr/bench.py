@@ -117,7 +117,8 @@ def make_fast(model: DiffusionModel, *, dtype: torch.dtype | None = None, channe
             # dynamic=False: one graph per batch size, specialised (a shape change would otherwise switch
             # to a dynamic-shape graph, which is slower). mode "reduce-overhead" adds CUDA graphs.
             unet.compile(dynamic=False, mode=None if compile_mode in (None, "default") else compile_mode)
-    own_graphs = compile and compile_mode not in (None, "default")  # reduce-overhead/max-autotune capture their own
+    # reduce-overhead and max-autotune capture CUDA graphs of their own; max-autotune-no-cudagraphs leaves ours
+    own_graphs = compile and compile_mode in ("reduce-overhead", "max-autotune")
     return DiffusionModel(unet=unet, diffusion=model.diffusion, name=model.name, device=model.device,
                           dtype=dtype, source=model.source, info=dict(model.info),
                           cuda_graphs=cuda_graphs and not own_graphs,
@@ -559,8 +560,10 @@ def add_arguments(p) -> None:
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="fast path: UNet in channels_last memory format (default: on CPU, as load_model does)")
     p.add_argument("--compile", action="store_true", help="fast path: torch.compile the UNet (compile time reported as warm-up)")
-    p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
-                   help="torch.compile mode; reduce-overhead uses CUDA graphs")
+    p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune",
+                                                            "max-autotune-no-cudagraphs"],
+                   help="torch.compile mode; reduce-overhead and max-autotune capture their own CUDA graphs "
+                        "(ours is then off), max-autotune-no-cudagraphs autotunes kernels and keeps ours")
     p.add_argument("--cpu-backend", default=None, choices=["onnxruntime", "torch"],
                    help="CPU fast path in fp32: the UNet on onnxruntime (default, as load_model does; "
                         "$ILVR_CPU_BACKEND) or on PyTorch; with onnxruntime a row 'ours on PyTorch' is added. "

@@ -6,6 +6,7 @@
 #   bash scripts/gpu_check.sh                    # all three parts, about 8 minutes on an H100
 #   PARTS="tests bench" bash scripts/gpu_check.sh
 #   PARTS=profile bash scripts/gpu_check.sh       # where a compiled batch-1 ADM step's time goes (not in the default)
+#   PARTS=autotune bash scripts/gpu_check.sh      # batch 8 with Inductor's max-autotune (not in the default: minutes of tuning)
 #
 # The benchmark needs resize-right for its plain loop; on a machine without package access, put its
 # wheel in .whl/ first (`pip download resize-right==0.0.2 -d .whl`) and this script installs it.
@@ -43,9 +44,12 @@ for part in $PARTS; do
     bench)   run_part bench 260 "$PYTHON" -m ilvr bench --json "$OUT/${PREFIX}_bench.json" ;;
     compile) run_part bench_compile 280 "$PYTHON" -m ilvr bench --models adm256 --compile --repeats 2 \
                  --json "$OUT/${PREFIX}_bench_compile.json" ;;
+    autotune) run_part bench_autotune 420 "$PYTHON" -m ilvr bench --models adm256 --batch 8 --compile \
+                 --compile-mode max-autotune-no-cudagraphs --no-fp32-variant --repeats 2 \
+                 --json "$OUT/${PREFIX}_bench_autotune.json" ;;
     profile) run_part profile 200 "$PYTHON" scripts/profile_step.py --model adm256 --compile \
                  --out "$OUT/${PREFIX}_profile" ;;
-    *) echo "unknown part '$part' (tests, bench, compile, profile)" >&2; status=1 ;;
+    *) echo "unknown part '$part' (tests, bench, compile, autotune, profile)" >&2; status=1 ;;
   esac
 done
 exit $status

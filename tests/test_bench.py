@@ -60,6 +60,14 @@ def test_channels_last_fast_model_matches_plain_loop(tiny_model):
     torch.testing.assert_close(ours, plain, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("mode, ours_kept", [("default", True), ("max-autotune-no-cudagraphs", True),
+                                              ("max-autotune", False), ("reduce-overhead", False)])
+def test_compile_modes_that_capture_cuda_graphs_turn_ours_off(tiny_model, mode, ours_kept):
+    # Two captures of one call would nest; modes without their own graphs keep our replay.
+    fast = bench.make_fast(tiny_model, compile=True, compile_mode=mode)  # compiles lazily: nothing runs here
+    assert fast.cuda_graphs is ours_kept
+
+
 def test_plain_loop_is_seeded_and_uses_the_reference(tiny_model):
     ref = _reference()
     a = bench.plain_ilvr(tiny_model, ref, seeds=[1], n_factor=4, steps=4)
