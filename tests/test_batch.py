@@ -142,6 +142,35 @@ def test_torchrun_two_processes_match_one_process(world, baseline, tmp_path):
     assert f"done {len(EXPECTED)}, skipped 0, failed {NUM}" in log  # rank 0 reports the totals
 
 
+@pytest.mark.parametrize("join", ["node_rank", "rendezvous"])
+def test_torchrun_on_two_machines_sharing_the_output_folder(world, baseline, tmp_path, join):
+    """The README's two-machine commands, both machines played by localhost (one process each, gloo)."""
+    out = tmp_path / "out"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    machines = []
+    for node in (0, 1):
+        if join == "node_rank":
+            how = ["--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port)]
+        else:
+            how = ["--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "portraits"]
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                    *how, "-m", "ilvr"]
+        machines.append(subprocess.Popen(launcher + cli_args(world, out, 2), cwd=ROOT, env=child_env(),
+                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = []
+    for m in machines:
+        try:
+            logs.append(m.communicate(timeout=300)[0])
+        finally:
+            m.kill()
+    assert [m.returncode for m in machines] == [0, 0], "\n".join(logs)
+    assert_same_images(baseline, out)  # each (reference, k) written once, by one of the machines
+    assert leftovers(out) == []
+    assert any(f"done {len(EXPECTED)}, skipped 0, failed {NUM}" in log for log in logs)  # global rank 0's totals
+
+
 def test_batch_size_does_not_change_images(world, baseline, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     log = run_here(world, out, 1, capsys, monkeypatch)
