@@ -9,6 +9,7 @@ import torch
 
 from .cuda_graphs import GraphedPredict
 from .network import UNet
+from .onnx_cpu import cpu_runtime_for
 from .schedule import DiffusionConfig, Schedule
 
 
@@ -50,6 +51,7 @@ class DiffusionModel:
     cuda_graphs: bool = True  # on a GPU, replay each sampling run's UNet call as one CUDA graph
     failed_captures: int = field(default=0, repr=False)  # in a row; see ilvr.cuda_graphs.GraphedPredict
     cpu_runtime: Any = field(default=None, repr=False)  # ilvr.onnx_cpu.OnnxUNet: runs predict on CPU in fp32
+    # (exported again by denoiser() when the UNet's weights changed since)
 
     def __post_init__(self) -> None:
         self.device = torch.device(self.device)
@@ -83,6 +85,10 @@ class DiffusionModel:
         """
         if self.device.type == "cuda" and self.cuda_graphs:
             return GraphedPredict(self)
+        if self.cpu_runtime is not None and self.cpu_runtime.is_stale(self.unet):
+            # The onnxruntime session holds a copy of the weights it was exported with; a UNet changed
+            # since (load_state_dict, training) must not sample with the old ones.
+            self.cpu_runtime = cpu_runtime_for(self.unet, self.device, self.dtype, "onnxruntime")
         return self.predict
 
     def compile(self) -> "DiffusionModel":

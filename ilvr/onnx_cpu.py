@@ -7,8 +7,8 @@ op. README, Speed, has the sampling figures.
 
 How: at load the UNet is exported once to ONNX in memory (PyTorch's TorchScript-based exporter, batch
 size left free: about 2 s for the bundled model, 12-13 s for a 256 px ADM) and an onnxruntime session
-runs it. The session holds its own copy of the weights, so a model whose weights change after loading
-keeps sampling with the old ones until ``model.cpu_runtime = None`` (or a reload). Where
+runs it. The session holds its own copy of the weights; when the UNet's weights change after loading
+(``load_state_dict``, an optimizer step), the next sampling run notices and exports again. Where
 onnxruntime is missing or the export fails, sampling runs on PyTorch with a warning.
 ``ILVR_CPU_BACKEND=torch`` (or ``load_model(..., cpu_backend="torch")``) keeps PyTorch.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import os
 import threading
 import warnings
@@ -49,11 +50,22 @@ class _Forward(torch.nn.Module):
         return self.unet(x, t)
 
 
+def weights_fingerprint(unet: UNet) -> tuple | None:
+    """Changes when any parameter or buffer is modified in place or replaced (PyTorch's version
+    counters and storage addresses); None for inference tensors, which keep no version counter."""
+    try:
+        return tuple((w.data_ptr(), w._version) for w in itertools.chain(unet.parameters(), unet.buffers()))
+    except RuntimeError:
+        return None
+
+
 class OnnxUNet:
     """``unet(x, t)`` for CPU float32 inputs, run by an onnxruntime session; returns a float32 tensor."""
 
     def __init__(self, unet: UNet, threads: int | None = None):
         import onnxruntime as ort
+
+        self.fingerprint = weights_fingerprint(unet)  # the weights this session was made from
 
         size = unet.config.image_size
         x = torch.zeros(1, unet.config.in_channels, size, size)
@@ -74,6 +86,10 @@ class OnnxUNet:
         options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
         self.threads = options.intra_op_num_threads
+
+    def is_stale(self, unet: UNet) -> bool:
+        """True when `unet`'s weights changed since this session was exported from it."""
+        return self.fingerprint is not None and weights_fingerprint(unet) != self.fingerprint
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         feed = {"x": x.detach().contiguous().numpy(), "t": t.detach().to(torch.long).numpy()}

@@ -59,6 +59,26 @@ def test_load_model_on_cpu_samples_through_onnxruntime_like_pytorch(tiny_folder,
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+def test_changed_weights_are_exported_again_before_the_next_run(tiny_folder, monkeypatch):
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    model = load_model(tiny_folder, device="cpu")
+    first = model.cpu_runtime
+    ref = bench.synthetic_reference(16, 3, seed=5)
+    sample(model, ref, seeds=[1], n_factor=4, steps=5)
+    assert model.cpu_runtime is first and not first.is_stale(model.unet)  # sampling leaves the weights alone
+
+    torch.manual_seed(3)
+    changed = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v
+               for k, v in model.unet.state_dict().items()}
+    model.unet.load_state_dict(changed)  # in place: same tensors, new values
+    assert first.is_stale(model.unet)
+    got = sample(model, ref, seeds=[1], n_factor=4, steps=5)
+    assert isinstance(model.cpu_runtime, OnnxUNet) and model.cpu_runtime is not first
+    plain = load_model(tiny_folder, device="cpu", cpu_backend="torch")
+    plain.unet.load_state_dict(changed)
+    torch.testing.assert_close(got, sample(plain, ref, seeds=[1], n_factor=4, steps=5), atol=1e-4, rtol=1e-4)
+
+
 def test_environment_variable_keeps_pytorch(tiny_folder, monkeypatch):
     monkeypatch.setenv(BACKEND_ENV, "torch")
     assert load_model(tiny_folder, device="cpu").cpu_runtime is None
