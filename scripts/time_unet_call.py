@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=2 python scripts/time_unet_call.py                 # bundled model and 256 px ADM
     OMP_NUM_THREADS=2 python scripts/time_unet_call.py --models bundled --calls 40
+    OMP_NUM_THREADS=2 python scripts/time_unet_call.py --models bundled --batch 8
 
 Alternates the two backends, round after round, on the same input, and prints the median call of each
 round, the export and session times and the largest output difference.
@@ -38,8 +39,9 @@ def main() -> None:
     p.add_argument("--models", default="bundled,adm256")
     p.add_argument("--calls", type=int, default=None, help="calls per round (default 20 bundled, 2 adm256)")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--batch", type=int, default=1, help="images per call (the app's grids run 5-30 at once)")
     args = p.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), batch {args.batch}")
     for name in args.models.split(","):
         if name == "bundled":
             model = load_model("emoji64", device="cpu", cpu_backend="torch")
@@ -51,7 +53,7 @@ def main() -> None:
         runtime = OnnxUNet(model.unet)
         setup_s = time.perf_counter() - t0
         size = model.image_size
-        x, t = torch.randn(1, 3, size, size), torch.tensor([500])
+        x, t = torch.randn(args.batch, 3, size, size), torch.full((args.batch,), 500)
         calls = args.calls or (20 if name == "bundled" else 2)
         with torch.inference_mode():
             diff = (runtime(x, t) - model.predict(x, t)).abs().max().item()
