@@ -110,6 +110,7 @@ def cpu_runtime_for(unet: UNet, device: torch.device | str, dtype: torch.dtype,
                       f"sampling on PyTorch instead (set {BACKEND_ENV}=torch to skip the attempt)", RuntimeWarning)
         return None
 
+
 _threads_lock = threading.Lock()
 _threads_users = 0
 _threads_before = 1

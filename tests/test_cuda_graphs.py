@@ -3,7 +3,6 @@
 The graph replay itself needs a GPU and is tested in test_cuda.py.
 """
 import threading
-import time
 
 import pytest
 import torch
