@@ -351,7 +351,7 @@ def scribble_reference(value: Any) -> Image.Image:
 
 def mask_overlay(reference: torch.Tensor, mask: torch.Tensor) -> Image.Image:
     """The reference faded towards white outside the mask: shows where ILVR may change the image."""
-    arr = np.asarray(tensor_to_pil(reference), np.float32)
+    arr = np.asarray(tensor_to_pil(reference).convert("RGB"), np.float32)
     m = mask.cpu().numpy()[..., None]
     faded = 0.35 * arr + 0.65 * 255.0
     return Image.fromarray((m * arr + (1 - m) * faded).clip(0, 255).astype(np.uint8))
@@ -656,8 +656,8 @@ def _common(model: DiffusionModel, samples: Any, steps: Any, kernel: Any, sample
     return steps, make_seeds(seed, parse_samples(samples))
 
 
-def _reference(img: Image.Image, size: int) -> tuple[torch.Tensor, Image.Image]:
-    ref = load_reference(img, size)
+def _reference(img: Image.Image, model: DiffusionModel) -> tuple[torch.Tensor, Image.Image]:
+    ref = load_reference(img, model.image_size, model.config.in_channels)
     return ref, tensor_to_pil(ref)
 
 
@@ -677,7 +677,7 @@ def generation_job(model: DiffusionModel, image: Any, mode: str, factors: Any, r
         rows = rows_for_stops(parse_factor(range_n, size), parse_stops(stops, model.diffusion.num_train_timesteps),
                               model.diffusion.num_train_timesteps)
     steps, seeds = _common(model, samples, steps, kernel, sampler, seed)
-    ref, shown = _reference(img, size)
+    ref, shown = _reference(img, model)
     return Job("generation", ref, rows, seeds, kernel, steps, sampler, reference_row=[("reference", shown)])
 
 
@@ -689,7 +689,7 @@ def translation_job(model: DiffusionModel, image: Any, n: Any, samples: Any, ste
     n = parse_factor(n, size)
     row = Row(label=f"N={n}", n_factor=n, stop_at=parse_stop(stop_at, model.diffusion.num_train_timesteps))
     steps, seeds = _common(model, samples, steps, kernel, sampler, seed)
-    ref, shown = _reference(img, size)
+    ref, shown = _reference(img, model)
     return Job(task, ref, [row], seeds, kernel, steps, sampler, reference_row=[("reference", shown)])
 
 
@@ -729,7 +729,7 @@ def scribble_job(model: DiffusionModel, editor: Any, n: Any, keep_unedited: bool
     if mask is None:
         warnings.append("No scribbles found on the image: the result re-imagines the whole image. "
                         "Draw with the brush on the image to edit it.")
-    ref, shown = _reference(img, size)
+    ref, shown = _reference(img, model)
     reference_row = [("edited input", shown)]
     use_mask = mask if (keep_unedited and mask is not None) else None
     if use_mask is not None:

@@ -333,7 +333,7 @@ def _run(args, comm: Comm) -> int:
             cache.clear()
             rel = plan.refs[i]
             try:
-                cache[i] = load_reference(ref_dir / rel, size)
+                cache[i] = load_reference(ref_dir / rel, size, model.config.in_channels)
             except Exception as e:  # Pillow raises many kinds on broken files; none may stop the run
                 cache[i] = None
                 failures[rel] = str(e) if isinstance(e, (ImageError, OSError)) else f"{type(e).__name__}: {e}"

@@ -142,7 +142,7 @@ def cmd_sample(args) -> int:
     mask = None
     if args.mask:
         mask = (load_reference(args.mask, model.image_size).mean(0) > 0).float()
-    jobs = [(Path(r), load_reference(r, model.image_size)) for r in args.ref] if args.ref else [(Path("unconditional"), None)]
+    jobs = [(Path(r), load_reference(r, model.image_size, model.config.in_channels)) for r in args.ref] if args.ref else [(Path("unconditional"), None)]
     out = Path(args.out)
     total = len(jobs) * args.num
     steps_per_sample = len(model.schedule.respace(args.steps).timestep_map)

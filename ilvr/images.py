@@ -72,26 +72,34 @@ def open_image(source: str | os.PathLike | Image.Image) -> Image.Image:
     return to_rgb(ImageOps.exif_transpose(img))
 
 
-def load_reference(source: str | os.PathLike | Image.Image | np.ndarray, size: int) -> torch.Tensor:
-    """A reference as a (3, size, size) float tensor in [-1, 1]."""
+def load_reference(source: str | os.PathLike | Image.Image | np.ndarray, size: int, channels: int = 3) -> torch.Tensor:
+    """A reference as a (channels, size, size) float tensor in [-1, 1]: RGB, or its luma for the
+    1-channel (grayscale) models some users train."""
     if isinstance(source, np.ndarray):
         arr = source
         if arr.dtype != np.uint8:
             arr = np.clip(arr, 0, 255).astype(np.uint8)
         source = Image.fromarray(arr)
     img = square_resize(open_image(source), size)
-    return pil_to_tensor(img)
+    return pil_to_tensor(img, channels)
 
 
-def pil_to_tensor(img: Image.Image) -> torch.Tensor:
-    arr = np.asarray(img.convert("RGB"), dtype=np.float32)
+def _image_mode(channels: int) -> str:
+    if channels not in (1, 3):
+        raise ImageError(f"images have 1 (grayscale) or 3 (RGB) channels; this model works on {channels}")
+    return "L" if channels == 1 else "RGB"
+
+
+def pil_to_tensor(img: Image.Image, channels: int = 3) -> torch.Tensor:
+    arr = np.asarray(img.convert(_image_mode(channels)), dtype=np.float32).reshape(img.size[1], img.size[0], channels)
     return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
 
 
 def tensor_to_pil(x: torch.Tensor) -> Image.Image:
-    """(3, H, W) in [-1, 1] to an 8-bit PIL image (rounded, clipped)."""
+    """(3, H, W) or (1, H, W) in [-1, 1] to an 8-bit RGB or grayscale PIL image (rounded, clipped)."""
+    mode = _image_mode(x.shape[0])
     arr = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return Image.fromarray(arr.permute(1, 2, 0).numpy())
+    return Image.fromarray(arr[0].numpy() if mode == "L" else arr.permute(1, 2, 0).numpy(), mode)
 
 
 def to_pils(batch: torch.Tensor) -> list[Image.Image]:

@@ -147,28 +147,77 @@ def new_to_legacy_qkv(sd: dict[str, torch.Tensor], cfg: UNetConfig) -> dict[str,
 
 # ----------------------------------------------------------------------------- diffusers UNet2DModel
 
+# diffusers block type -> (has attention, its resampler: "conv", "resnet", or None = the config's
+# downsample_type / upsample_type). Only these map onto the ADM module tree; the skip blocks (score-SDE's
+# FIR resampling and skip paths) and anything else are refused rather than loaded wrongly.
+_DOWN_BLOCKS = {"DownBlock2D": (False, "conv"), "AttnDownBlock2D": (True, None),
+                "ResnetDownsampleBlock2D": (False, "resnet")}
+_UP_BLOCKS = {"UpBlock2D": (False, "conv"), "AttnUpBlock2D": (True, None), "ResnetUpsampleBlock2D": (False, "resnet")}
+
+
+def _blocks(types: list[str], table: dict[str, tuple[bool, str | None]], sampler_type: str,
+            what: str) -> tuple[list[bool], set[str]]:
+    """Attention per block, and the resampler kinds of all blocks but the last (which has none)."""
+    unknown = [t for t in types if t not in table]
+    if unknown:
+        raise ModelLoadError(f"unsupported diffusers {what} blocks {unknown}; supported: {sorted(table)}")
+    kinds = {table[t][1] or sampler_type for t in types[:-1]}
+    return [table[t][0] for t in types], kinds
+
+
 def unet_config_from_diffusers(cfg: Mapping[str, Any]) -> UNetConfig:
+    """Map a UNet2DModel config onto our UNet, refusing every option our UNet does not compute the same
+    way: loading such weights would not fail, it would silently give wrong images."""
     if cfg.get("_class_name", "UNet2DModel") != "UNet2DModel":
         raise ModelLoadError(f"only diffusers UNet2DModel is supported, this config is a {cfg.get('_class_name')}")
     if cfg.get("time_embedding_type", "positional") != "positional":
         raise ModelLoadError("only positional time embeddings are supported (Fourier ones are for score-SDE models)")
     boc = list(cfg.get("block_out_channels", (224, 448, 672, 896)))
     down_types = list(cfg.get("down_block_types", ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D")))
-    if any(t not in ("DownBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D", "AttnSkipDownBlock2D") for t in down_types):
-        raise ModelLoadError(f"unsupported diffusers down blocks: {down_types}")
-    resnet_down = cfg.get("downsample_type", "conv") == "resnet" or "ResnetDownsampleBlock2D" in down_types
+    up_types = list(cfg.get("up_block_types", ("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D")))
+    down_attention, down_kinds = _blocks(down_types, _DOWN_BLOCKS, cfg.get("downsample_type", "conv"), "down")
+    up_attention, up_kinds = _blocks(up_types, _UP_BLOCKS, cfg.get("upsample_type", "conv"), "up")
+    if len(up_types) != len(down_types) or up_attention != down_attention[::-1]:
+        raise ModelLoadError(f"attention must sit at the same levels going down and up; down_block_types "
+                             f"{down_types} and up_block_types {up_types} do not mirror each other")
+    if len(down_kinds | up_kinds) > 1:
+        raise ModelLoadError("all down- and upsamplers must be of one kind (conv or resnet); this config mixes "
+                             f"them (down_block_types {down_types}, downsample_type {cfg.get('downsample_type', 'conv')!r}, "
+                             f"up_block_types {up_types}, upsample_type {cfg.get('upsample_type', 'conv')!r})")
+    scale_shift = cfg.get("resnet_time_scale_shift", "default")
+    groups = cfg.get("norm_num_groups", 32)
+    # the middle block's attention normalises with attn_norm_num_groups, or when that is unset with
+    # norm_num_groups under "default" and with no norm at all under "scale_shift"
+    mid_groups = cfg.get("attn_norm_num_groups") or (groups if scale_shift == "default" else None)
+    unsupported = {
+        "resnet_time_scale_shift": scale_shift not in ("default", "scale_shift"),
+        "act_fn": cfg.get("act_fn", "silu") not in ("silu", "swish"),
+        "center_input_sample": bool(cfg.get("center_input_sample", False)),
+        "mid_block_type": cfg.get("mid_block_type", "UNetMidBlock2D") != "UNetMidBlock2D",
+        "add_attention": not cfg.get("add_attention", True),
+        "time_embedding_dim": cfg.get("time_embedding_dim") not in (None, 4 * boc[0]),
+        "norm_num_groups": not isinstance(groups, int),
+        "attn_norm_num_groups": mid_groups != groups,
+        "class_embed_type": cfg.get("class_embed_type") is not None,
+    }
+    bad = [f"{k}={cfg.get(k)!r}" for k, v in unsupported.items() if v]
+    if mid_groups is None:
+        bad[bad.index("attn_norm_num_groups=None")] = ("a middle attention without GroupNorm (diffusers' choice for "
+                                                       "resnet_time_scale_shift='scale_shift' without attn_norm_num_groups)")
+    if bad:
+        raise ModelLoadError(f"this diffusers UNet uses options our UNet does not implement: {', '.join(bad)}")
     head_dim = cfg.get("attention_head_dim", 8)
     return UNetConfig(
         image_size=int(cfg.get("sample_size") or 64), in_channels=cfg.get("in_channels", 3),
         out_channels=cfg.get("out_channels", 3), model_channels=boc[0],
         channel_mult=tuple(c // boc[0] if c % boc[0] == 0 else c / boc[0] for c in boc),
         num_res_blocks=cfg.get("layers_per_block", 2),
-        attention_levels=tuple(i for i, t in enumerate(down_types) if t.startswith("Attn")),
+        attention_levels=tuple(i for i, a in enumerate(down_attention) if a),
         num_head_channels=-1 if head_dim is None else head_dim,
-        use_scale_shift_norm=cfg.get("resnet_time_scale_shift", "default") == "scale_shift",
-        resblock_updown=resnet_down,
+        use_scale_shift_norm=scale_shift == "scale_shift",
+        resblock_updown=down_kinds == {"resnet"},
         downsample_padding="asymmetric" if cfg.get("downsample_padding", 1) == 0 else "symmetric",
-        norm_eps=cfg.get("norm_eps", 1e-5), flip_sin_to_cos=cfg.get("flip_sin_to_cos", True),
+        norm_eps=cfg.get("norm_eps", 1e-5), norm_groups=groups, flip_sin_to_cos=cfg.get("flip_sin_to_cos", True),
         freq_shift=cfg.get("freq_shift", 0), num_classes=cfg.get("num_class_embeds"),
     )
 

@@ -33,6 +33,7 @@ class UNetConfig:
     resblock_updown: bool = False
     downsample_padding: str = "symmetric"  # "symmetric" (ADM, pad 1) | "asymmetric" (TF SAME)
     norm_eps: float = 1e-5
+    norm_groups: int = 32  # every GroupNorm's group count (ADM: always 32; diffusers: norm_num_groups)
     flip_sin_to_cos: bool = True  # ADM sinusoid is [cos, sin]
     freq_shift: float = 0.0  # Google DDPM uses 1
     dropout: float = 0.0
@@ -86,8 +87,8 @@ class GroupNorm32(nn.GroupNorm):
                             self.bias.float() if self.bias is not None else None, self.eps).to(x.dtype)
 
 
-def _norm(channels: int, eps: float) -> GroupNorm32:
-    return GroupNorm32(32, channels, eps=eps)
+def _norm(channels: int, cfg: UNetConfig) -> GroupNorm32:
+    return GroupNorm32(cfg.norm_groups, channels, eps=cfg.norm_eps)
 
 
 def _in_place() -> bool:
@@ -139,12 +140,12 @@ class ResBlock(nn.Module):
                  up: bool = False, down: bool = False):
         super().__init__()
         self.use_scale_shift_norm = cfg.use_scale_shift_norm
-        self.in_layers = nn.Sequential(_norm(channels, cfg.norm_eps), SiLUAfterNorm(),
+        self.in_layers = nn.Sequential(_norm(channels, cfg), SiLUAfterNorm(),
                                        nn.Conv2d(channels, out_channels, 3, padding=1))
         self.up, self.down = up, down
         self.emb_layers = nn.Sequential(
             nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if cfg.use_scale_shift_norm else out_channels))
-        self.out_layers = nn.Sequential(_norm(out_channels, cfg.norm_eps), SiLUAfterNorm(), nn.Dropout(cfg.dropout),
+        self.out_layers = nn.Sequential(_norm(out_channels, cfg), SiLUAfterNorm(), nn.Dropout(cfg.dropout),
                                         nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip_connection = nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
 
@@ -180,7 +181,7 @@ class AttentionBlock(nn.Module):
         if channels % head_channels:
             raise ValueError(f"{channels} channels do not split into heads of {head_channels}")
         self.num_heads = channels // head_channels
-        self.norm = _norm(channels, cfg.norm_eps)
+        self.norm = _norm(channels, cfg)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
         self.proj_out = nn.Conv1d(channels, channels, 1)
 
@@ -248,7 +249,7 @@ class UNet(nn.Module):
                     layers.append(ResBlock(ch, emb_ch, ch, cfg, up=True) if cfg.resblock_updown else Upsample(ch))
                 self.output_blocks.append(TimestepSequential(*layers))
 
-        self.out = nn.Sequential(_norm(ch, cfg.norm_eps), SiLUAfterNorm(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(_norm(ch, cfg), SiLUAfterNorm(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
     @property
     def dtype(self) -> torch.dtype:

@@ -151,7 +151,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
     state_path = out / STATE_FILE
     if state_path.exists():
         state = torch.load(state_path, map_location=device, weights_only=True)
-        if state["unet"] != unet_cfg.to_dict():
+        if UNetConfig.from_dict(state["unet"]) != unet_cfg:  # compared as configs: newer fields take defaults
             raise ValueError(f"{state_path} was trained with another architecture; use a new --out or delete it")
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])

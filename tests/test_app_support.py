@@ -220,3 +220,34 @@ def test_stop_flags():
     assert flags.cancel("s1") == 1 and a.is_set() and not b.is_set()
     flags.release("s1", a)
     assert flags.cancel("s1") == 0
+
+
+def test_grayscale_model_runs_every_job_kind(tmp_path):
+    """1-channel models (MNIST-style) take colour references as their luma and give grayscale PNGs."""
+    from conftest import tiny_unet
+
+    from ilvr.loading import load_model
+    from ilvr.schedule import DiffusionConfig
+    from ilvr.train import export_model
+
+    folder = export_model(tiny_unet(in_channels=1, out_channels=1), DiffusionConfig(), tmp_path / "gray").parent
+    model = load_model(str(folder), device="cpu")
+    photo = Image.new("RGB", (32, 32), (200, 40, 40))
+    stroke = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    stroke.paste((0, 0, 255, 255), (4, 4, 12, 12))
+    editor = {"background": photo, "layers": [stroke], "composite": photo}
+    job, _ = S.scribble_job(model, editor, 1, True, 1, "4", 0, "cubic", "ddpm", 0)  # N=1: returns the input
+    assert job.reference.shape == (1, 32, 32) and job.mask is not None
+    runner = S.run_job(model, job, poll_s=0.001)
+    while True:
+        try:
+            next(runner)
+        except StopIteration as done:
+            result = done.value
+            break
+    saved = S.save_result(result, model, root=tmp_path / "out")
+    out = Image.open(saved.gallery[0][0])
+    assert out.mode == "L"
+    luma = np.asarray(photo.convert("L"), np.int16)
+    assert np.abs(np.asarray(out, np.int16) - luma).max() <= 1  # everything pinned or N=1: the input's luma
+    assert Image.open(saved.grid_path).size[0] > 32

@@ -80,3 +80,13 @@ def test_png_carries_settings(tmp_path):
     path = save_png(img, tmp_path / "out" / "a.png", {"N": 8, "seed": 3})
     assert read_settings(path) == {"N": 8, "seed": 3}
     assert not list((tmp_path / "out").glob(".*tmp"))
+
+
+def test_grayscale_references_and_outputs():
+    img = Image.new("RGB", (16, 16), (200, 40, 40))
+    ref = load_reference(img, 8, channels=1)
+    assert ref.shape == (1, 8, 8)
+    out = tensor_to_pil(ref)
+    assert out.mode == "L" and abs(out.getpixel((3, 3)) - img.convert("L").getpixel((3, 3))) <= 1
+    with pytest.raises(ImageError, match="4"):
+        load_reference(img, 8, channels=4)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ilvr.loading import ModelLoadError, infer_adm_config, load_model
+from ilvr.loading import ModelLoadError, infer_adm_config, load_model, unet_config_from_diffusers
 from ilvr.network import UNet, UNetConfig
 
 # the published ADM flag sets, scaled down in width (same structure)
@@ -89,6 +89,57 @@ def test_diffusers_folder_loads_and_matches(tmp_path, legacy, safetensors):
     x, t = torch.randn(2, 3, 32, 32), torch.tensor([0, 999])
     with torch.no_grad():
         assert (model.unet(x, t) - ref(x, t).sample).abs().max() <= 1e-4
+
+
+# UNet2DModel configs as users write them (the diffusers "train an unconditional model" tutorial, small
+# models with fewer norm groups, resnet resampling), at tiny widths
+_TWO_LEVELS = dict(sample_size=16, block_out_channels=[32, 64], down_block_types=["DownBlock2D", "AttnDownBlock2D"],
+                   up_block_types=["AttnUpBlock2D", "UpBlock2D"], layers_per_block=1)
+USER_CONFIGS = {
+    "tutorial": dict(_TWO_LEVELS, block_out_channels=[32, 32, 64, 64], layers_per_block=2,
+                     down_block_types=["DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
+                     up_block_types=["UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"]),
+    "norm-groups-8": dict(_TWO_LEVELS, norm_num_groups=8),
+    "resnet-resampling": dict(_TWO_LEVELS, down_block_types=["ResnetDownsampleBlock2D", "AttnDownBlock2D"],
+                              up_block_types=["AttnUpBlock2D", "ResnetUpsampleBlock2D"],
+                              downsample_type="resnet", upsample_type="resnet"),
+    "grayscale": dict(_TWO_LEVELS, in_channels=1, out_channels=1, norm_num_groups=16),
+}
+
+
+@pytest.mark.parametrize("name", sorted(USER_CONFIGS))
+def test_user_diffusers_configs_match_diffusers(tmp_path, name):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    ref = diffusers.UNet2DModel(**USER_CONFIGS[name]).eval()
+    with torch.no_grad():  # diffusers zero-initialises some layers: make every weight count
+        for p in ref.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    ref.save_pretrained(tmp_path)
+    diffusers.DDPMScheduler(num_train_timesteps=1000).save_config(tmp_path)
+    model = load_model(tmp_path, device="cpu", cpu_backend="torch")
+    x, t = torch.randn(2, ref.config.in_channels, 16, 16), torch.tensor([3, 900])
+    with torch.no_grad():
+        assert (model.unet(x, t) - ref(x, t).sample).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("change,named", [
+    (dict(act_fn="gelu"), "act_fn"),
+    (dict(center_input_sample=True), "center_input_sample"),
+    (dict(add_attention=False), "add_attention"),
+    (dict(mid_block_type=None), "mid_block_type"),
+    (dict(time_embedding_dim=64), "time_embedding_dim"),
+    (dict(attn_norm_num_groups=8), "attn_norm_num_groups"),
+    (dict(resnet_time_scale_shift="scale_shift"), "middle attention without GroupNorm"),
+    (dict(up_block_types=["UpBlock2D", "UpBlock2D"]), "mirror"),
+    (dict(downsample_type="resnet", upsample_type="resnet"), "one kind"),
+    (dict(down_block_types=["DownBlock2D", "AttnSkipDownBlock2D"]), "AttnSkipDownBlock2D"),
+])
+def test_diffusers_options_we_do_not_compute_are_refused(change, named):
+    """Each of these loads without a shape error in a naive mapping and then samples wrong images."""
+    with pytest.raises(ModelLoadError, match=named):
+        unet_config_from_diffusers(dict(_TWO_LEVELS, **change))
+    unet_config_from_diffusers(dict(_TWO_LEVELS))  # the same config without the change is fine
 
 
 def test_our_format_roundtrip(tiny_checkpoint):
