@@ -5,6 +5,7 @@ steps 1000 -> 200. A 64 px model sees a quarter of the pixels per side, so N sca
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,21 +16,27 @@ PAPER_PRESETS = {"generation": 16, "translation": 32, "paint": 64, "scribble": 8
 SCRIBBLE_STOP_AT = 200
 
 
+def _nearest_divisor(image_size: int, target: float, above: int = 1) -> int | None:
+    """The divisor of image_size above `above` and at most image_size / 2 nearest to target on a log
+    scale (N=3 and N=6 are equally far from 4.24), so a preset is always a valid N."""
+    candidates = [n for n in range(max(2, above + 1), image_size // 2 + 1) if image_size % n == 0]
+    return min(candidates, key=lambda n: (abs(math.log(n / target)), n)) if candidates else None
+
+
 def scaled_factor(task: str, image_size: int) -> int:
-    """The paper's N for a task, scaled to image_size and kept a divisor of it (at least 2)."""
-    n = PAPER_PRESETS[task] * image_size // PAPER_SIZE
-    n = max(2, n)
-    while image_size % n:
-        n -= 1
-    return n
+    """The paper's N for a task, scaled to image_size and made a divisor of it (at least 2 when the size
+    allows: a 28 px model gets translation N=4, as 32 * 28 / 256 = 3.5)."""
+    return _nearest_divisor(image_size, max(2.0, PAPER_PRESETS[task] * image_size / PAPER_SIZE)) or 1
 
 
 def generation_factors(image_size: int) -> list[int]:
-    """Powers of two from 2 to image_size/2: the rows of the paper's Fig. 4 grid."""
-    out, n = [], 2
-    while n <= image_size // 2:
+    """The rows of the paper's Fig. 4 grid: N doubling from 2 up to image_size / 2, each a divisor of
+    the size (powers of two for the usual sizes; 2, 4, 7, 14 for a 28 px model)."""
+    out: list[int] = []
+    n = _nearest_divisor(image_size, 2)
+    while n is not None:
         out.append(n)
-        n *= 2
+        n = _nearest_divisor(image_size, 2 * n, above=n)
     return out
 
 
