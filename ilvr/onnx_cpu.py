@@ -103,6 +103,8 @@ def cpu_runtime_for(unet: UNet, device: torch.device | str, dtype: torch.dtype,
     cannot run the UNet."""
     if torch.device(device).type != "cpu" or dtype != torch.float32 or cpu_backend(backend) != "onnxruntime":
         return None
+    if unet.config.num_classes is not None:  # the sampler refuses class-conditional models with its own message
+        return None
     try:
         return OnnxUNet(unet)
     except Exception as e:  # noqa: BLE001 - any failure here only costs speed: sample on PyTorch instead

@@ -159,6 +159,10 @@ def sample(
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     if not seeds:
         raise ValueError("ask for at least one sample")
+    if model.config.num_classes is not None:
+        raise ValueError(f"{model.name} is a class-conditional model ({model.config.num_classes} classes): ILVR "
+                         "samples unconditional models; use its unconditional variant (for guided-diffusion's "
+                         "ImageNet 256 px: 256x256_diffusion_uncond.pt)")
     device = model.device
     size = model.image_size
     channels = model.config.in_channels

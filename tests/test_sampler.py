@@ -122,3 +122,11 @@ def test_bad_settings_are_explained(model, reference, kwargs, message):
 def test_wrong_reference_shape_is_explained(model):
     with pytest.raises(ValueError, match="reference must be 3x32x32"):
         sample(model, torch.zeros(3, 64, 64), seeds=[0], steps="5")
+
+
+def test_class_conditional_models_are_explained(reference):
+    """guided-diffusion's class-conditional ImageNet models load (``ilvr info`` describes them) but need
+    a class label per sample, which ILVR has no use for: say so instead of failing inside the UNet."""
+    conditional = DiffusionModel(unet=tiny_unet(num_classes=10), diffusion=DiffusionConfig(), name="imagenet")
+    with pytest.raises(ValueError, match="class-conditional.*unconditional variant"):
+        sample(conditional, reference, seeds=[0], steps="5")
