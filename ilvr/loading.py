@@ -79,8 +79,9 @@ def _unwrap_state_dict(obj: Any, name: str) -> dict[str, torch.Tensor]:
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ModelLoadError(f"{name} does not hold a state dict of tensors")
     sd = dict(obj)
-    if sd and all(k.startswith("module.") for k in sd):  # saved from DistributedDataParallel
-        sd = {k[len("module."):]: v for k, v in sd.items()}
+    for wrapper in ("module.", "_orig_mod."):  # saved from DistributedDataParallel, from torch.compile
+        if sd and all(k.startswith(wrapper) for k in sd):
+            sd = {k[len(wrapper):]: v for k, v in sd.items()}
     return sd
 
 

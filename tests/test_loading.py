@@ -38,6 +38,20 @@ def test_adm_config_is_inferred_from_state_dict(cfg, tmp_path):
         assert torch.equal(model.unet(x, t), unet(x, t))
 
 
+@pytest.mark.parametrize("wrap", ["ddp", "compiled", "ddp-compiled", "training-dict"])
+def test_wrapped_state_dicts_are_unwrapped(tmp_path, wrap):
+    """Weights saved from a DistributedDataParallel or torch.compile'd module, or inside a training dict."""
+    unet = UNet(PLAIN_64)
+    sd = unet.state_dict()
+    prefix = {"ddp": "module.", "compiled": "_orig_mod.", "ddp-compiled": "module._orig_mod.", "training-dict": ""}[wrap]
+    obj = {prefix + k: v for k, v in sd.items()}
+    if wrap == "training-dict":
+        obj = {"model": obj, "step": 10}
+    torch.save(obj, tmp_path / "weights.pt")
+    model = load_model(tmp_path / "weights.pt", device="cpu", cpu_backend="torch", num_head_channels=32)
+    assert all(torch.equal(model.unet.state_dict()[k].float(), v) for k, v in sd.items())
+
+
 def test_new_attention_order_is_converted(tmp_path):
     """use_new_attention_order checkpoints store [q,k,v][head][d]: converting gives the same function."""
     torch.manual_seed(0)
