@@ -256,7 +256,7 @@ def run_folder(args) -> int:
 def _run(args, comm: Comm) -> int:
     from tqdm import tqdm
 
-    from .cli import derive_seed
+    from .cli import derive_seed, model_options
     from .filters import check_factor, check_kernel
     from .images import ImageError, load_reference, read_settings, save_png, tensor_to_pil
     from .loading import load_model
@@ -273,7 +273,7 @@ def _run(args, comm: Comm) -> int:
     for turn in (0, 1):
         if (comm.local_rank == 0) == (turn == 0):
             try:
-                model = load_model(args.model, device=comm.device, dtype=args.dtype)
+                model = load_model(args.model, device=comm.device, dtype=args.dtype, **model_options(args))
                 if args.compile:
                     model.compile()
                 validate_steps(model, args.steps)

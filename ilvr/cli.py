@@ -36,12 +36,33 @@ _positive_int = _int_at_least(1)
 _non_negative_int = _int_at_least(0)
 
 
+def _model_option(text: str) -> tuple[str, object]:
+    """KEY=VALUE for load_model; VALUE is read as JSON when it can be (32, 1e-4, true), else as text."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. beta_schedule=cosine), got {text!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
+MODEL_OPTION_HELP = ("a loading setting the weights file does not record, as KEY=VALUE (repeatable): "
+                     "beta_schedule=cosine, num_train_timesteps=4000, prediction_type=sample, num_head_channels=32, "
+                     "attention_order=new, image_size=128, ... (`python -m ilvr info MODEL` shows what is assumed)")
+
+
+def model_options(args) -> dict[str, object]:
+    return dict(getattr(args, "model_option", None) or [])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ilvr", description="ILVR: reference-guided sampling with unconditional DDPMs")
     sub = parser.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("sample", help="generate images guided by reference images (ILVR)")
     s.add_argument("--model", default="emoji64", help="bundled name, local file/folder or Hub repo id[:file] (default: emoji64)")
+    s.add_argument("--model-option", type=_model_option, action="append", metavar="KEY=VALUE", help=MODEL_OPTION_HELP)
     src = s.add_mutually_exclusive_group()
     src.add_argument("--ref", action="append", default=[], help="reference image (repeatable)")
     src.add_argument("--ref-dir", help="translate every image in this folder (recursively)")
@@ -71,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="print the inferred architecture and diffusion settings of a model")
     i.add_argument("model")
+    i.add_argument("--model-option", type=_model_option, action="append", metavar="KEY=VALUE", help=MODEL_OPTION_HELP)
     i.add_argument("--json", action="store_true")
 
     t = sub.add_parser("train", help="train an unconditional DDPM on a folder of images")
@@ -102,10 +124,12 @@ def cmd_info(args) -> int:
     from .loading import load_model
     from .network import count_parameters
 
-    model = load_model(args.model, device="cpu", cpu_backend="torch")  # only looked at: no onnxruntime export
+    model = load_model(args.model, device="cpu", cpu_backend="torch",  # only looked at: no onnxruntime export
+                       **model_options(args))
     d = model.describe()
     d["parameters"] = count_parameters(model.unet)
     d["format"] = model.info.get("family")
+    d["options"] = model.info.get("options", {})
     if args.json:
         print(json.dumps(d, indent=2))
         return 0
@@ -115,6 +139,16 @@ def cmd_info(args) -> int:
         print(f"{section}:")
         for k, v in d[section].items():
             print(f"  {k:22s} {v}")
+    if d["format"] == "adm":
+        given = model.info.get("options", {})
+        assumed = {"image_size": d["image_size"], "num_head_channels": d["unet"]["num_head_channels"],
+                   "attention_order": "legacy",
+                   **{k: d["diffusion"][k] for k in ("beta_schedule", "num_train_timesteps", "prediction_type")}}
+        assumed = {k: v for k, v in assumed.items() if k not in given}
+        if assumed:
+            print("not recorded in a guided-diffusion .pt, so assumed as in the published ADM/ILVR/P2 models: "
+                  + ", ".join(f"{k}={v}" for k, v in assumed.items())
+                  + ". A model trained otherwise needs --model-option KEY=VALUE.")
     return 0
 
 
@@ -133,7 +167,7 @@ def cmd_sample(args) -> int:
         from .batch import run_folder
 
         return run_folder(args)
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    model = load_model(args.model, device=args.device, dtype=args.dtype, **model_options(args))
     if args.compile:
         model.compile()
     validate_steps(model, args.steps)

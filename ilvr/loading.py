@@ -359,6 +359,7 @@ def build_from_files(weights: Path, config: dict[str, Any] | None = None,
                      scheduler: dict[str, Any] | None = None, **overrides) -> tuple[UNet, DiffusionConfig, dict]:
     """Identify the format, infer or read the config, and return a loaded UNet (fp32, CPU)."""
     sd, metadata = read_state_dict(weights)
+    options = dict(overrides)
     if config is None and "ilvr_config" in metadata:
         config = json.loads(metadata["ilvr_config"])
     num_head_channels = overrides.pop("num_head_channels", None)
@@ -366,7 +367,8 @@ def build_from_files(weights: Path, config: dict[str, Any] | None = None,
     attention_order = overrides.pop("attention_order", "legacy")
     diffusion_overrides = {k: overrides.pop(k) for k in list(overrides) if k in DiffusionConfig.__dataclass_fields__}
     if overrides:
-        raise ModelLoadError(f"unknown load options: {sorted(overrides)}")
+        known = ["image_size", "num_head_channels", "attention_order", *DiffusionConfig.__dataclass_fields__]
+        raise ModelLoadError(f"unknown load options {sorted(overrides)}; known: {', '.join(known)}")
 
     if config is not None and config.get("format") == "ilvr":
         unet_cfg = UNetConfig.from_dict(config["unet"])
@@ -402,8 +404,8 @@ def build_from_files(weights: Path, config: dict[str, Any] | None = None,
         with torch.device("meta"):
             unet = UNet(unet_cfg)
     except ValueError as e:
-        raise ModelLoadError(f"{weights.name}: {e}; pass num_head_channels=... (CLI/app: the model's head size) "
-                             "to match how it was trained") from e
+        raise ModelLoadError(f"{weights.name}: {e}; pass the head size it was trained with (CLI: --model-option "
+                             "num_head_channels=32; Python: load_model(..., num_head_channels=32))") from e
     sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
     missing, unexpected = _key_diff(unet, sd)
     if missing or unexpected:
@@ -416,7 +418,10 @@ def build_from_files(weights: Path, config: dict[str, Any] | None = None,
     except RuntimeError as e:
         raise ModelLoadError(f"{weights.name}: shape mismatch against the inferred architecture ({family}): "
                              f"{str(e).splitlines()[1] if len(str(e).splitlines()) > 1 else e}") from e
-    return unet.eval(), diffusion, {"family": family, "weights": str(weights)}
+    info = {"family": family, "weights": str(weights)}
+    if options:
+        info["options"] = options
+    return unet.eval(), diffusion, info
 
 
 def _key_diff(unet: UNet, sd: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str]]:

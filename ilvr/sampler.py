@@ -243,6 +243,8 @@ def settings_dict(model: DiffusionModel, *, n_factor: int | None, kernel: str, s
     """The settings to show next to a result and to embed in its PNG."""
     d = {"model": model.name, "N": n_factor, "filter": kernel, "steps": str(steps), "stop_at": int(stop_at),
          "sampler": sampler, "seed": int(seed), "image_size": model.image_size}
+    if model.info.get("options"):  # load options (e.g. beta_schedule) are part of what made the image
+        d["model_options"] = model.info["options"]
     d.update(extra)
     return d
 

@@ -53,6 +53,31 @@ def test_info_prints_the_architecture(tiny_checkpoint, capsys):
     assert d["unet"]["model_channels"] == 32 and d["diffusion"]["variance_type"] == "fixed_small"
 
 
+def test_model_options_fill_in_what_a_guided_diffusion_file_does_not_record(ref_png, tmp_path, capsys):
+    import torch
+    from conftest import tiny_unet
+
+    weights = tmp_path / "ema_0.9999_050000.pt"  # trained with 32-channel heads and a cosine schedule
+    torch.save(tiny_unet().state_dict(), weights)
+    assert main(["info", str(weights)]) == 0
+    assumed = capsys.readouterr().out.splitlines()[-1]
+    assert "num_head_channels=64" in assumed and "beta_schedule=linear" in assumed and "--model-option" in assumed
+
+    options = ["--model-option", "num_head_channels=32", "--model-option", "beta_schedule=cosine"]
+    assert main(["info", str(weights), "--json", *options]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["unet"]["num_head_channels"] == 32 and d["diffusion"]["beta_schedule"] == "cosine"
+    assert d["options"] == {"num_head_channels": 32, "beta_schedule": "cosine"}
+
+    out = tmp_path / "out"
+    assert main(["sample", "--model", str(weights), *options, "--ref", str(ref_png), "--steps", "3", "--num", "1",
+                 "--out", str(out)]) == 0
+    assert read_settings(out / "ref_0.png")["model_options"] == {"num_head_channels": 32, "beta_schedule": "cosine"}
+
+    assert main(["info", str(weights), "--model-option", "schedule=cosine"]) == 2
+    assert "unknown load options ['schedule']; known: image_size" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args,message", [
     (["--N", "3"], "does not divide the image size 32"),
     (["--steps", "lots"], "steps must be"),

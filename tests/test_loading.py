@@ -253,7 +253,7 @@ def test_bad_files_give_specific_errors(tmp_path):
     sd = UNet(PLAIN_64).state_dict()
     sd.pop("input_blocks.1.0.in_layers.2.weight")
     torch.save(sd, truncated)
-    with pytest.raises(ModelLoadError, match="do not split into heads of 64; pass num_head_channels"):
+    with pytest.raises(ModelLoadError, match="do not split into heads of 64; pass the head size.*--model-option num_head_channels="):
         load_model(truncated, device="cpu")
     with pytest.raises(ModelLoadError, match="do not fit.*Missing.*input_blocks.1.0.in_layers.2.weight"):
         load_model(truncated, device="cpu", num_head_channels=32)
