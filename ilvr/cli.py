@@ -48,7 +48,7 @@ def _model_option(text: str) -> tuple[str, object]:
 
 
 MODEL_OPTION_HELP = ("a loading setting the weights file does not record, as KEY=VALUE (repeatable): "
-                     "beta_schedule=cosine, num_train_timesteps=4000, prediction_type=sample, num_head_channels=32, "
+                     "beta_schedule=cosine, num_train_timesteps=4000, prediction_type=sample, num_heads=4, num_head_channels=32, "
                      "attention_order=new, image_size=128, ... (`python -m ilvr info MODEL` shows what is assumed)")
 
 
@@ -141,14 +141,17 @@ def cmd_info(args) -> int:
             print(f"  {k:22s} {v}")
     if d["format"] == "adm":
         given = model.info.get("options", {})
-        assumed = {"image_size": d["image_size"], "num_head_channels": d["unet"]["num_head_channels"],
-                   "attention_order": "legacy",
+        heads = ({"num_heads": d["unet"]["num_heads"]} if d["unet"]["num_head_channels"] == -1
+                 else {"num_head_channels": d["unet"]["num_head_channels"]})
+        assumed = {"image_size": d["image_size"], **heads, "attention_order": "legacy",
                    **{k: d["diffusion"][k] for k in ("beta_schedule", "num_train_timesteps", "prediction_type")}}
-        assumed = {k: v for k, v in assumed.items() if k not in given}
+        assumed = {k: v for k, v in assumed.items() if k not in given and not (k in heads and given.keys() & {
+            "num_heads", "num_head_channels"})}
         if assumed:
             print("not recorded in a guided-diffusion .pt, so assumed as in the published ADM/ILVR/P2 models: "
                   + ", ".join(f"{k}={v}" for k, v in assumed.items())
-                  + ". A model trained otherwise needs --model-option KEY=VALUE.")
+                  + ". A model trained otherwise needs --model-option KEY=VALUE (guided-diffusion trains with "
+                  "num_heads=4 unless given --num_head_channels).")
     return 0
 
 

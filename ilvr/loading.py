@@ -141,7 +141,7 @@ def new_to_legacy_qkv(sd: dict[str, torch.Tensor], cfg: UNetConfig) -> dict[str,
     for k, v in sd.items():
         if k.endswith(".qkv.weight") or k.endswith(".qkv.bias"):
             c = v.shape[0] // 3
-            heads = c // (c if cfg.num_head_channels == -1 else cfg.num_head_channels)
+            heads = cfg.heads(c)
             out[k] = v.reshape(3, heads, c // heads, *v.shape[1:]).transpose(0, 1).reshape(v.shape)
     return out
 
@@ -302,8 +302,8 @@ def diffusers_to_adm(sd: Mapping[str, torch.Tensor], cfg: UNetConfig) -> dict[st
         except KeyError as e:
             raise ModelLoadError(f"attention at {prefix} lacks {e}") from e
         c = q.shape[0]
-        d = c if cfg.num_head_channels == -1 else cfg.num_head_channels
-        heads = c // d
+        heads = cfg.heads(c)
+        d = c // heads
         # legacy layout: per head, its q rows, then k rows, then v rows
         w = torch.stack([q.reshape(heads, d, -1), k.reshape(heads, d, -1), v.reshape(heads, d, -1)], dim=1)
         b = torch.stack([qb.reshape(heads, d), kb.reshape(heads, d), vb.reshape(heads, d)], dim=1)
@@ -363,19 +363,25 @@ def build_from_files(weights: Path, config: dict[str, Any] | None = None,
     if config is None and "ilvr_config" in metadata:
         config = json.loads(metadata["ilvr_config"])
     num_head_channels = overrides.pop("num_head_channels", None)
+    num_heads = overrides.pop("num_heads", None)
     image_size = overrides.pop("image_size", None)
     attention_order = overrides.pop("attention_order", "legacy")
     diffusion_overrides = {k: overrides.pop(k) for k in list(overrides) if k in DiffusionConfig.__dataclass_fields__}
     if overrides:
-        known = ["image_size", "num_head_channels", "attention_order", *DiffusionConfig.__dataclass_fields__]
+        known = ["image_size", "num_head_channels", "num_heads", "attention_order", *DiffusionConfig.__dataclass_fields__]
         raise ModelLoadError(f"unknown load options {sorted(overrides)}; known: {', '.join(known)}")
+    if num_heads and num_head_channels:
+        raise ModelLoadError("give num_heads (the same head count at every level) or num_head_channels (channels "
+                             "per head), not both")
 
     if config is not None and config.get("format") == "ilvr":
         unet_cfg = UNetConfig.from_dict(config["unet"])
         diffusion = DiffusionConfig.from_dict(config.get("diffusion", {}))
         family = "ilvr"
     elif "input_blocks.0.0.weight" in sd:
-        unet_cfg = infer_adm_config(sd, num_head_channels or 64, image_size)
+        unet_cfg = infer_adm_config(sd, -1 if num_heads else int(num_head_channels or 64), image_size)
+        if num_heads:
+            unet_cfg.num_heads = int(num_heads)
         if attention_order == "new":
             sd = new_to_legacy_qkv(sd, unet_cfg)
         diffusion = DiffusionConfig(variance_type="learned_range" if unet_cfg.learn_sigma else "fixed_large")
@@ -395,8 +401,9 @@ def build_from_files(weights: Path, config: dict[str, Any] | None = None,
             f"down_blocks.0.resnets.0.conv1.weight, ...); found {sample}, ...")
     if image_size:
         unet_cfg.image_size = int(image_size)
-    if num_head_channels and family != "adm":
-        unet_cfg.num_head_channels = int(num_head_channels)
+    if (num_head_channels or num_heads) and family != "adm":
+        raise ModelLoadError(f"{weights.name} records its attention heads ({family} format); num_head_channels and "
+                             "num_heads are only for guided-diffusion .pt files, which do not")
     if diffusion_overrides:
         diffusion = DiffusionConfig.from_dict({**diffusion.to_dict(), **diffusion_overrides})
 
@@ -404,8 +411,8 @@ def build_from_files(weights: Path, config: dict[str, Any] | None = None,
         with torch.device("meta"):
             unet = UNet(unet_cfg)
     except ValueError as e:
-        raise ModelLoadError(f"{weights.name}: {e}; pass the head size it was trained with (CLI: --model-option "
-                             "num_head_channels=32; Python: load_model(..., num_head_channels=32))") from e
+        raise ModelLoadError(f"{weights.name}: {e}; pass the heads it was trained with (CLI: --model-option "
+                             "num_head_channels=32 or num_heads=4; Python: load_model(..., num_heads=4))") from e
     sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
     missing, unexpected = _key_diff(unet, sd)
     if missing or unexpected:
@@ -538,8 +545,8 @@ def load_model(source: str | os.PathLike, device: str | torch.device | None = "a
     On CPU this also fixes glibc's heap thresholds for the process (``ilvr.cpu_memory``: otherwise every
     step page-faults its activations in afresh), and in float32 samples through onnxruntime
     (``ilvr.onnx_cpu``; cpu_backend='torch' or ILVR_CPU_BACKEND=torch keeps PyTorch).
-    overrides: image_size, num_head_channels, attention_order ('legacy'|'new') and any
-    DiffusionConfig field (e.g. variance_type='fixed_large').
+    overrides (what a guided-diffusion .pt does not record): image_size, num_head_channels or num_heads,
+    attention_order ('legacy'|'new') and any DiffusionConfig field (e.g. beta_schedule='cosine').
     """
     from .registry import BUNDLED, BY_NAME
 

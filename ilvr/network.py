@@ -28,7 +28,8 @@ class UNetConfig:
     channel_mult: tuple[float, ...] = (1, 2, 3, 4)
     num_res_blocks: int = 2  # per level going down; the up path has one more
     attention_levels: tuple[int, ...] = (2, 3)  # level i works at image_size / 2**i
-    num_head_channels: int = 64  # -1: one head spanning all channels (Google DDPM)
+    num_head_channels: int = 64  # channels per attention head; -1: num_heads heads at every level
+    num_heads: int = 1  # used when num_head_channels is -1 (guided-diffusion's training default is 4; Google DDPM 1)
     use_scale_shift_norm: bool = True
     resblock_updown: bool = False
     downsample_padding: str = "symmetric"  # "symmetric" (ADM, pad 1) | "asymmetric" (TF SAME)
@@ -44,6 +45,16 @@ class UNetConfig:
         self.attention_levels = tuple(sorted(self.attention_levels))
         if self.downsample_padding not in ("symmetric", "asymmetric"):
             raise ValueError(f"downsample_padding must be 'symmetric' or 'asymmetric', got {self.downsample_padding!r}")
+
+    def heads(self, channels: int) -> int:
+        """Attention heads at a level with this many channels."""
+        if self.num_head_channels == -1:
+            if channels % self.num_heads:
+                raise ValueError(f"{channels} channels do not split into {self.num_heads} heads")
+            return self.num_heads
+        if channels % self.num_head_channels:
+            raise ValueError(f"{channels} channels do not split into heads of {self.num_head_channels}")
+        return channels // self.num_head_channels
 
     @property
     def learn_sigma(self) -> bool:
@@ -177,10 +188,7 @@ class AttentionBlock(nn.Module):
 
     def __init__(self, channels: int, cfg: UNetConfig):
         super().__init__()
-        head_channels = channels if cfg.num_head_channels == -1 else cfg.num_head_channels
-        if channels % head_channels:
-            raise ValueError(f"{channels} channels do not split into heads of {head_channels}")
-        self.num_heads = channels // head_channels
+        self.num_heads = cfg.heads(channels)
         self.norm = _norm(channels, cfg)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
         self.proj_out = nn.Conv1d(channels, channels, 1)

@@ -52,6 +52,26 @@ def test_wrapped_state_dicts_are_unwrapped(tmp_path, wrap):
     assert all(torch.equal(model.unet.state_dict()[k].float(), v) for k, v in sd.items())
 
 
+def test_fixed_head_count_of_guided_diffusions_training_default(tmp_path):
+    """guided-diffusion trains with num_heads=4 at every level unless given --num_head_channels; such a
+    model loads with num_heads=4, and only then computes what it was trained to."""
+    cfg = UNetConfig(**{**PLAIN_64.to_dict(), "model_channels": 32, "channel_mult": (1, 2, 3),
+                        "attention_levels": (1, 2), "num_head_channels": -1, "num_heads": 4})
+    torch.manual_seed(0)
+    trained = UNet(cfg).eval()  # heads of 16 and 24 channels: no single head size describes it
+    path = tmp_path / "ema_0.9999_200000.pt"
+    torch.save(trained.state_dict(), path)
+    x, t = torch.randn(1, 3, 16, 16), torch.tensor([300])
+    model = load_model(path, device="cpu", cpu_backend="torch", num_heads=4)
+    assert model.unet.config.heads(64) == model.unet.config.heads(96) == 4
+    with torch.no_grad():
+        assert torch.allclose(model.unet(x, t), trained(x, t), atol=1e-5)
+        assumed = load_model(path, device="cpu", cpu_backend="torch", num_head_channels=32)
+        assert not torch.allclose(assumed.unet(x, t), trained(x, t), atol=1e-3)
+    with pytest.raises(ModelLoadError, match="not both"):
+        load_model(path, device="cpu", num_heads=4, num_head_channels=32)
+
+
 def test_new_attention_order_is_converted(tmp_path):
     """use_new_attention_order checkpoints store [q,k,v][head][d]: converting gives the same function."""
     torch.manual_seed(0)
@@ -253,7 +273,7 @@ def test_bad_files_give_specific_errors(tmp_path):
     sd = UNet(PLAIN_64).state_dict()
     sd.pop("input_blocks.1.0.in_layers.2.weight")
     torch.save(sd, truncated)
-    with pytest.raises(ModelLoadError, match="do not split into heads of 64; pass the head size.*--model-option num_head_channels="):
+    with pytest.raises(ModelLoadError, match="do not split into heads of 64; pass the heads it was trained with.*--model-option num_head_channels=32 or num_heads=4"):
         load_model(truncated, device="cpu")
     with pytest.raises(ModelLoadError, match="do not fit.*Missing.*input_blocks.1.0.in_layers.2.weight"):
         load_model(truncated, device="cpu", num_head_channels=32)
