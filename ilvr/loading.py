@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -208,8 +209,13 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any]) -> UNetConfig:
     if bad:
         raise ModelLoadError(f"this diffusers UNet uses options our UNet does not implement: {', '.join(bad)}")
     head_dim = cfg.get("attention_head_dim", 8)
+    size = cfg.get("sample_size") or 64
+    if isinstance(size, (list, tuple)):
+        if len(set(size)) != 1:
+            raise ModelLoadError(f"this diffusers UNet makes {size[0]}x{size[1]} images; only square models are supported")
+        size = size[0]
     return UNetConfig(
-        image_size=int(cfg.get("sample_size") or 64), in_channels=cfg.get("in_channels", 3),
+        image_size=int(size), in_channels=cfg.get("in_channels", 3),
         out_channels=cfg.get("out_channels", 3), model_channels=boc[0],
         channel_mult=tuple(c // boc[0] if c % boc[0] == 0 else c / boc[0] for c in boc),
         num_res_blocks=cfg.get("layers_per_block", 2),
@@ -321,7 +327,16 @@ def diffusion_from_scheduler(cfg: Mapping[str, Any]) -> DiffusionConfig:
     if cfg.get("trained_betas"):
         raise ModelLoadError("scheduler_config.json with trained_betas is not supported")
     variance = cfg.get("variance_type", "fixed_small")
-    variance = {"fixed_small_log": "fixed_small", "learned": "learned_range"}.get(variance, variance)
+    variance = {"fixed_small_log": "fixed_small"}.get(variance, variance)  # diffusers samples both alike
+    unsupported = {
+        "variance_type": variance == "learned",  # the log variance itself, not learned_range's interpolation
+        "thresholding": bool(cfg.get("thresholding", False)),
+        "clip_sample_range": cfg.get("clip_sample_range", 1.0) != 1.0,
+        "rescale_betas_zero_snr": bool(cfg.get("rescale_betas_zero_snr", False)),
+    }
+    bad = [f"{k}={cfg.get(k)!r}" for k, v in unsupported.items() if v]
+    if bad:
+        raise ModelLoadError(f"scheduler_config.json uses settings our sampler does not implement: {', '.join(bad)}")
     return DiffusionConfig(num_train_timesteps=cfg.get("num_train_timesteps", 1000),
                            beta_schedule="cosine" if schedule == "squaredcos_cap_v2" else "linear",
                            beta_start=cfg.get("beta_start", 1e-4), beta_end=cfg.get("beta_end", 0.02),
@@ -355,6 +370,23 @@ def _weights_in_folder(folder: Path) -> Path:
     raise ModelLoadError(f"{folder} holds several weights files ({', '.join(p.name for p in candidates)}); pass one of them")
 
 
+def check_field_types(config: Any) -> None:
+    """Raise TypeError for a config field whose value is not of its declared kind (int, float, bool, str,
+    a tuple of numbers; None where allowed): a value from a hand-edited JSON file would otherwise only
+    fail deep inside sampling."""
+    for f in fields(config):
+        value, kind = getattr(config, f.name), str(f.type)
+        if value is None and "None" in kind:
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = {"int": isinstance(value, int) and not isinstance(value, bool), "float": number,
+              "bool": isinstance(value, bool), "str": isinstance(value, str),
+              "tuple": isinstance(value, tuple) and all(isinstance(v, (int, float)) for v in value)}.get(
+            kind.split("[")[0].split(" ")[0], True)
+        if not ok:
+            raise TypeError(f"{f.name} must be {kind}, got {value!r}")
+
+
 def build_from_files(weights: Path, config: dict[str, Any] | None = None,
                      scheduler: dict[str, Any] | None = None, **overrides) -> tuple[UNet, DiffusionConfig, dict]:
     """Identify the format, infer or read the config, and return a loaded UNet (fp32, CPU)."""
@@ -374,45 +406,57 @@ def build_from_files(weights: Path, config: dict[str, Any] | None = None,
         raise ModelLoadError("give num_heads (the same head count at every level) or num_head_channels (channels "
                              "per head), not both")
 
-    if config is not None and config.get("format") == "ilvr":
-        unet_cfg = UNetConfig.from_dict(config["unet"])
-        diffusion = DiffusionConfig.from_dict(config.get("diffusion", {}))
-        family = "ilvr"
-    elif "input_blocks.0.0.weight" in sd:
-        unet_cfg = infer_adm_config(sd, -1 if num_heads else int(num_head_channels or 64), image_size)
-        if num_heads:
-            unet_cfg.num_heads = int(num_heads)
-        if attention_order == "new":
-            sd = new_to_legacy_qkv(sd, unet_cfg)
-        diffusion = DiffusionConfig(variance_type="learned_range" if unet_cfg.learn_sigma else "fixed_large")
-        family = "adm"
-    elif "conv_in.weight" in sd:
-        if config is None:
-            raise ModelLoadError(f"{weights.name} holds diffusers UNet2DModel weights but no config.json was found beside it")
-        unet_cfg = unet_config_from_diffusers(config)
-        sd = diffusers_to_adm(sd, unet_cfg)
-        diffusion = diffusion_from_scheduler(scheduler or {})
-        family = "diffusers"
-    else:
-        sample = ", ".join(list(sd)[:4])
+    try:  # a hand-edited config or a bad option fails here with a message, not deep inside sampling
+        if config is not None and config.get("format") == "ilvr":
+            unet_cfg = UNetConfig.from_dict(config["unet"])
+            diffusion = DiffusionConfig.from_dict(config.get("diffusion", {}))
+            family = "ilvr"
+        elif "input_blocks.0.0.weight" in sd:
+            unet_cfg = infer_adm_config(sd, -1 if num_heads else int(num_head_channels or 64), image_size)
+            if num_heads:
+                unet_cfg.num_heads = int(num_heads)
+            if attention_order == "new":
+                sd = new_to_legacy_qkv(sd, unet_cfg)
+            diffusion = DiffusionConfig(variance_type="learned_range" if unet_cfg.learn_sigma else "fixed_large")
+            family = "adm"
+        elif "conv_in.weight" in sd:
+            if config is None:
+                raise ModelLoadError(f"{weights.name} holds diffusers UNet2DModel weights but no config.json was found beside it")
+            unet_cfg = unet_config_from_diffusers(config)
+            sd = diffusers_to_adm(sd, unet_cfg)
+            diffusion = diffusion_from_scheduler(scheduler or {})
+            family = "diffusers"
+        else:
+            sample = ", ".join(list(sd)[:4])
+            raise ModelLoadError(
+                f"{weights.name} matches no known layout: expected guided-diffusion/ADM keys (input_blocks.0.0.weight, "
+                f"time_embed.0.weight, out.2.weight, ...) or diffusers UNet2DModel keys (conv_in.weight, "
+                f"down_blocks.0.resnets.0.conv1.weight, ...); found {sample}, ...")
+        if image_size:
+            unet_cfg.image_size = int(image_size)
+        if (num_head_channels or num_heads) and family != "adm":
+            raise ModelLoadError(f"{weights.name} records its attention heads ({family} format); num_head_channels and "
+                                 "num_heads are only for guided-diffusion .pt files, which do not")
+        if diffusion_overrides:
+            diffusion = DiffusionConfig.from_dict({**diffusion.to_dict(), **diffusion_overrides})
+        check_field_types(unet_cfg)
+        check_field_types(diffusion)
+    except ModelLoadError:
+        raise
+    except (TypeError, ValueError, KeyError, IndexError, ZeroDivisionError) as e:
+        raise ModelLoadError(f"{weights.name}: its config or load options cannot be used ({type(e).__name__}: {e})") from e
+    if (diffusion.variance_type == "learned_range") != unet_cfg.learn_sigma:
         raise ModelLoadError(
-            f"{weights.name} matches no known layout: expected guided-diffusion/ADM keys (input_blocks.0.0.weight, "
-            f"time_embed.0.weight, out.2.weight, ...) or diffusers UNet2DModel keys (conv_in.weight, "
-            f"down_blocks.0.resnets.0.conv1.weight, ...); found {sample}, ...")
-    if image_size:
-        unet_cfg.image_size = int(image_size)
-    if (num_head_channels or num_heads) and family != "adm":
-        raise ModelLoadError(f"{weights.name} records its attention heads ({family} format); num_head_channels and "
-                             "num_heads are only for guided-diffusion .pt files, which do not")
-    if diffusion_overrides:
-        diffusion = DiffusionConfig.from_dict({**diffusion.to_dict(), **diffusion_overrides})
+            f"{weights.name}: variance_type {diffusion.variance_type!r} does not fit a UNet with {unet_cfg.out_channels} "
+            f"output channels for {unet_cfg.in_channels} input channels (a learned variance doubles them)")
 
     try:
         with torch.device("meta"):
             unet = UNet(unet_cfg)
     except ValueError as e:
-        raise ModelLoadError(f"{weights.name}: {e}; pass the heads it was trained with (CLI: --model-option "
-                             "num_head_channels=32 or num_heads=4; Python: load_model(..., num_heads=4))") from e
+        hint = ("; pass the heads it was trained with (CLI: --model-option num_head_channels=32 or num_heads=4; "
+                "Python: load_model(..., num_heads=4))") if "heads" in str(e) else ""
+        raise ModelLoadError(f"{weights.name}: {e}{hint}") from e
     sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
     missing, unexpected = _key_diff(unet, sd)
     if missing or unexpected:

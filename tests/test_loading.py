@@ -168,12 +168,32 @@ def test_user_diffusers_configs_match_diffusers(tmp_path, name):
     (dict(up_block_types=["UpBlock2D", "UpBlock2D"]), "mirror"),
     (dict(downsample_type="resnet", upsample_type="resnet"), "one kind"),
     (dict(down_block_types=["DownBlock2D", "AttnSkipDownBlock2D"]), "AttnSkipDownBlock2D"),
+    (dict(sample_size=[16, 32]), "16x32 images; only square"),
 ])
 def test_diffusers_options_we_do_not_compute_are_refused(change, named):
     """Each of these loads without a shape error in a naive mapping and then samples wrong images."""
     with pytest.raises(ModelLoadError, match=named):
         unet_config_from_diffusers(dict(_TWO_LEVELS, **change))
     unet_config_from_diffusers(dict(_TWO_LEVELS))  # the same config without the change is fine
+
+
+@pytest.mark.parametrize("file,change,message", [
+    ("config.json", {"block_out_channels": "abc"}, "config or load options cannot be used"),
+    ("config.json", {"layers_per_block": "two"}, "config or load options cannot be used"),
+    ("config.json", {"norm_eps": "x"}, "norm_eps must be float, got 'x'"),
+    ("config.json", {"down_block_types": None}, "config or load options cannot be used"),
+    ("scheduler_config.json", {"num_train_timesteps": "many"}, "num_train_timesteps must be int"),
+    ("scheduler_config.json", {"variance_type": "learned"}, "variance_type='learned'"),
+    ("scheduler_config.json", {"variance_type": "learned_range"}, "does not fit a UNet with 3 output channels"),
+    ("scheduler_config.json", {"thresholding": True}, "thresholding=True"),
+])
+def test_hand_edited_configs_fail_at_load_with_a_message(tmp_path, file, change, message):
+    """A bad value fails loading with a ModelLoadError that names it, not later inside sampling."""
+    folder, _ = _diffusers_folder(tmp_path)
+    path = folder / file
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(folder, device="cpu", cpu_backend="torch")
 
 
 def test_our_format_roundtrip(tiny_checkpoint):
