@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--channel-mult", default="1,2,2,4")
     t.add_argument("--res-blocks", type=_positive_int, default=1)
     t.add_argument("--attention-levels", default="3", help="comma-separated level indices with attention")
+    t.add_argument("--grayscale", action="store_true", help="train a 1-channel model on the images' luma (MNIST-like data)")
     t.add_argument("--batch-size", type=_positive_int, default=16)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--steps", type=_positive_int, default=100_000, help="stop after this many optimizer steps")
@@ -214,7 +215,8 @@ def cmd_train(args) -> int:
 
     cfg = TrainConfig(data=args.data, out=args.out, image_size=args.image_size, model_channels=args.channels,
                       channel_mult=ints(args.channel_mult, "--channel-mult"), num_res_blocks=args.res_blocks,
-                      attention_levels=ints(args.attention_levels, "--attention-levels"), batch_size=args.batch_size,
+                      attention_levels=ints(args.attention_levels, "--attention-levels"),
+                      channels=1 if args.grayscale else 3, batch_size=args.batch_size,
                       lr=args.lr, max_steps=args.steps, max_minutes=args.minutes,
                       save_every_minutes=args.save_every_minutes, sample_every=args.sample_every, device=args.device,
                       cpu_bf16=args.cpu_bf16, seed=args.seed)

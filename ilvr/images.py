@@ -84,20 +84,21 @@ def load_reference(source: str | os.PathLike | Image.Image | np.ndarray, size: i
     return pil_to_tensor(img, channels)
 
 
-def _image_mode(channels: int) -> str:
+def image_mode(channels: int) -> str:
+    """PIL's mode for a model's channel count."""
     if channels not in (1, 3):
         raise ImageError(f"images have 1 (grayscale) or 3 (RGB) channels; this model works on {channels}")
     return "L" if channels == 1 else "RGB"
 
 
 def pil_to_tensor(img: Image.Image, channels: int = 3) -> torch.Tensor:
-    arr = np.asarray(img.convert(_image_mode(channels)), dtype=np.float32).reshape(img.size[1], img.size[0], channels)
+    arr = np.asarray(img.convert(image_mode(channels)), dtype=np.float32).reshape(img.size[1], img.size[0], channels)
     return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
 
 
 def tensor_to_pil(x: torch.Tensor) -> Image.Image:
     """(3, H, W) or (1, H, W) in [-1, 1] to an 8-bit RGB or grayscale PIL image (rounded, clipped)."""
-    mode = _image_mode(x.shape[0])
+    mode = image_mode(x.shape[0])
     arr = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return Image.fromarray(arr[0].numpy() if mode == "L" else arr.permute(1, 2, 0).numpy(), mode)
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .images import ImageError, open_image, square_resize
+from .images import ImageError, image_mode, open_image, square_resize
 from .network import UNet, UNetConfig, count_parameters
 from .schedule import DiffusionConfig, Schedule
 
@@ -38,6 +38,7 @@ class TrainConfig:
     num_res_blocks: int = 1
     attention_levels: tuple[int, ...] = (3,)
     num_head_channels: int = 32
+    channels: int = 3  # 1 trains a grayscale model (images become their luma)
     batch_size: int = 16
     lr: float = 1e-3
     warmup_steps: int = 200
@@ -62,16 +63,17 @@ def find_images(folder: str | os.PathLike) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-def load_dataset(folder: str | os.PathLike, size: int) -> torch.Tensor:
-    """Every readable image in the folder, as uint8 (N, 3, size, size); unreadable files are skipped."""
+def load_dataset(folder: str | os.PathLike, size: int, channels: int = 3) -> torch.Tensor:
+    """Every readable image in the folder, as uint8 (N, channels, size, size); unreadable files are skipped."""
     tensors, skipped = [], 0
+    mode = image_mode(channels)
     for path in find_images(folder):
         try:
-            img = square_resize(open_image(path), size)
+            img = square_resize(open_image(path), size).convert(mode)
         except ImageError:
             skipped += 1
             continue
-        tensors.append(torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1))
+        tensors.append(torch.from_numpy(np.array(img, dtype=np.uint8).reshape(size, size, channels)).permute(2, 0, 1))
     if not tensors:
         raise ValueError(f"no readable images in {folder}")
     if skipped:
@@ -131,10 +133,11 @@ def train(cfg: TrainConfig, log=print) -> Path:
     device = pick_device(cfg.device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = load_dataset(cfg.data, cfg.image_size)
+    data = load_dataset(cfg.data, cfg.image_size, cfg.channels)
     log(f"{len(data)} training images from {cfg.data}, {cfg.image_size}px, device {device}")
 
-    unet_cfg = UNetConfig(image_size=cfg.image_size, model_channels=cfg.model_channels, channel_mult=cfg.channel_mult,
+    unet_cfg = UNetConfig(image_size=cfg.image_size, in_channels=cfg.channels, out_channels=cfg.channels,
+                          model_channels=cfg.model_channels, channel_mult=cfg.channel_mult,
                           num_res_blocks=cfg.num_res_blocks, attention_levels=cfg.attention_levels,
                           num_head_channels=cfg.num_head_channels)
     diffusion = DiffusionConfig(variance_type="fixed_small")

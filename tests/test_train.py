@@ -44,3 +44,19 @@ def test_train_few_steps_then_resume(tmp_path, capsys):
     assert main(args) == 0
     assert "continuing from its exported EMA weights at step 6" in capsys.readouterr().out
     assert json.loads((out / "config.json").read_text())["training"]["steps"] == 7
+
+
+def test_train_a_grayscale_model(tmp_path):
+    data = tmp_path / "digits"
+    data.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(data / f"{i}.png")
+    out = tmp_path / "gray"
+    assert main(["train", "--data", str(data), "--out", str(out), "--grayscale", "--image-size", "16", "--channels",
+                 "32", "--channel-mult", "1,2", "--attention-levels", "1", "--batch-size", "2", "--steps", "2",
+                 "--sample-every", "2"]) == 0
+    model = load_model(out, device="cpu")
+    assert model.config.in_channels == model.config.out_channels == 1
+    assert sample(model, torch.zeros(1, 16, 16), seeds=[0], steps="3").shape == (1, 1, 16, 16)
+    assert Image.open(out / "samples" / "step_0000002.png").mode == "RGB"
