@@ -1,4 +1,4 @@
-"""Command line: ``python -m ilvr {sample,info,train,bench}``."""
+"""Command line: ``python -m ilvr {sample,info,convert,train,bench}``."""
 from __future__ import annotations
 
 import argparse
@@ -95,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--model-option", type=_model_option, action="append", metavar="KEY=VALUE", help=MODEL_OPTION_HELP)
     i.add_argument("--json", action="store_true")
 
+    c = sub.add_parser("convert", help="write any loadable model as our .safetensors folder, settings included")
+    c.add_argument("model", help="bundled name, local file/folder or Hub repo id[:file]")
+    c.add_argument("--out", required=True, help="output folder (config.json + model.safetensors)")
+    c.add_argument("--model-option", type=_model_option, action="append", metavar="KEY=VALUE", help=MODEL_OPTION_HELP)
+    c.add_argument("--fp32", action="store_true", help="keep float32 weights (default: float16, half the size)")
+
     t = sub.add_parser("train", help="train an unconditional DDPM on a folder of images")
     t.add_argument("--data", required=True, help="folder of images (any size; center-cropped and resized)")
     t.add_argument("--out", required=True, help="output folder (resumes if it holds a training state)")
@@ -153,6 +159,25 @@ def cmd_info(args) -> int:
                   + ", ".join(f"{k}={v}" for k, v in assumed.items())
                   + ". A model trained otherwise needs --model-option KEY=VALUE (guided-diffusion trains with "
                   "num_heads=4 unless given --num_head_channels).")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    """A guided-diffusion pickle plus the --model-option values it needs becomes a folder that loads
+    everywhere (the app's path field, the CLI, Python) with nothing to pass, and holds no pickle."""
+    import torch
+
+    from .loading import load_model
+    from .train import export_model
+
+    model = load_model(args.model, device="cpu", cpu_backend="torch", **model_options(args))
+    out = Path(args.out)
+    if (out / "model.safetensors").exists() or (out / "config.json").exists():
+        raise ValueError(f"{out} already holds a model; pick a new --out")
+    info = {"converted_from": str(args.model), "family": model.info.get("family"), **(
+        {"options": model.info["options"]} if model.info.get("options") else {})}
+    path = export_model(model.unet, model.diffusion, out, info, torch.float32 if args.fp32 else torch.float16)
+    print(f"wrote {path} and {out / 'config.json'}: python -m ilvr sample --model {out} ...")
     return 0
 
 
@@ -240,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
 
     keep_freed_heap()  # every command runs UNet calls (train and bench on CPU too); see ilvr.cpu_memory
     try:
-        return {"sample": cmd_sample, "info": cmd_info, "train": cmd_train, "bench": cmd_bench}[args.command](args)
+        commands = {"sample": cmd_sample, "info": cmd_info, "convert": cmd_convert, "train": cmd_train, "bench": cmd_bench}
+        return commands[args.command](args)
     except (ModelLoadError, ImageError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -81,14 +81,16 @@ def load_dataset(folder: str | os.PathLike, size: int, channels: int = 3) -> tor
     return torch.stack(tensors)
 
 
-def export_model(model: UNet, diffusion: DiffusionConfig, out_dir: str | os.PathLike, info: dict | None = None) -> Path:
-    """Write weights (fp16 safetensors, config in its metadata too) and config.json."""
+def export_model(model: UNet, diffusion: DiffusionConfig, out_dir: str | os.PathLike, info: dict | None = None,
+                 dtype: torch.dtype = torch.float16) -> Path:
+    """Write weights (safetensors, fp16 by default, config in its metadata too) and config.json."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = {"format": "ilvr", "unet": model.config.to_dict(), "diffusion": diffusion.to_dict(), "training": info or {}}
-    tensors = {k: v.detach().to(torch.float16).contiguous().cpu() for k, v in model.state_dict().items()}
+    tensors = {k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).contiguous().cpu()
+               for k, v in model.state_dict().items()}
     tmp = out / "model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"ilvr_config": json.dumps(config)})
     os.replace(tmp, out / "model.safetensors")

@@ -78,6 +78,29 @@ def test_model_options_fill_in_what_a_guided_diffusion_file_does_not_record(ref_
     assert "unknown load options ['schedule']; known: image_size" in capsys.readouterr().err
 
 
+def test_convert_bakes_the_options_into_a_folder_that_needs_none(tmp_path, capsys):
+    import torch
+    from conftest import tiny_unet
+
+    from ilvr.loading import load_model
+
+    weights = tmp_path / "ema_0.9999_050000.pt"
+    torch.save(tiny_unet(seed=3).state_dict(), weights)
+    options = {"num_head_channels": 32, "beta_schedule": "cosine"}
+    out = tmp_path / "converted"
+    flags = [f"--model-option={k}={v}" for k, v in options.items()]
+    assert main(["convert", str(weights), "--out", str(out), "--fp32", *flags]) == 0
+    original, converted = (load_model(p, device="cpu", cpu_backend="torch", **o)
+                           for p, o in ((weights, options), (out, {})))
+    assert converted.unet.config == original.unet.config and converted.diffusion == original.diffusion
+    x, t = torch.randn(1, 3, 32, 32), torch.tensor([100])
+    with torch.no_grad():
+        assert torch.allclose(converted.unet(x, t), original.unet(x, t), atol=1e-5)
+    assert json.loads((out / "config.json").read_text())["training"]["options"] == options
+    assert main(["convert", str(weights), "--out", str(out), *flags]) == 2  # never overwrites a model
+    assert "already holds a model" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args,message", [
     (["--N", "3"], "does not divide the image size 32"),
     (["--steps", "lots"], "steps must be"),
