@@ -29,7 +29,7 @@ from .images import ImageError, load_reference, open_image, save_png, square_res
 from .loading import WEIGHT_SUFFIXES, ModelLoadError, load_model
 from .model import DiffusionModel
 from .registry import BUNDLED, BY_NAME, DEFAULT_MODEL
-from .sampler import SAMPLERS, Cancelled, StepInfo, sample, settings_dict, validate_steps
+from .sampler import SAMPLERS, Cancelled, StepInfo, check_unconditional, sample, settings_dict, validate_steps
 
 MAX_ROWS = 8  # rows of a sweep grid
 MAX_SAMPLES = 8  # samples per row
@@ -238,7 +238,8 @@ def make_seeds(seed: Any, count: int) -> list[int]:
 
 
 def check_common(model: DiffusionModel, steps: Any, kernel: Any, sampler: Any) -> str:
-    """Validate steps / filter / sampler; return the steps spec as a string."""
+    """Validate the model, steps / filter / sampler; return the steps spec as a string."""
+    check_unconditional(model)
     steps = str(steps or "").strip()
     validate_steps(model, steps)
     check_kernel(str(kernel))

@@ -261,7 +261,7 @@ def _run(args, comm: Comm) -> int:
     from .images import ImageError, load_reference, read_settings, save_png, tensor_to_pil
     from .loading import load_model
     from .registry import scaled_factor
-    from .sampler import sample, settings_dict, validate_steps
+    from .sampler import check_unconditional, sample, settings_dict, validate_steps
 
     if args.unconditional:
         raise ValueError("--unconditional cannot be combined with --ref-dir")
@@ -276,6 +276,7 @@ def _run(args, comm: Comm) -> int:
                 model = load_model(args.model, device=comm.device, dtype=args.dtype, **model_options(args))
                 if args.compile:
                     model.compile()
+                check_unconditional(model)
                 validate_steps(model, args.steps)
                 n = args.n_factor or scaled_factor("translation", model.image_size)
                 check_factor(model.image_size, n)

@@ -186,7 +186,7 @@ def cmd_sample(args) -> int:
     from .loading import load_model
     from .filters import check_factor
     from .registry import scaled_factor
-    from .sampler import sample, settings_dict, validate_steps
+    from .sampler import check_unconditional, sample, settings_dict, validate_steps
 
     if args.mask and not args.ref:
         raise SystemExit("error: --mask needs --ref")
@@ -199,6 +199,7 @@ def cmd_sample(args) -> int:
     model = load_model(args.model, device=args.device, dtype=args.dtype, **model_options(args))
     if args.compile:
         model.compile()
+    check_unconditional(model)
     validate_steps(model, args.steps)
     n = args.n_factor or scaled_factor("translation", model.image_size)
     check_factor(model.image_size, n)  # before any progress bar appears

@@ -159,10 +159,7 @@ def sample(
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     if not seeds:
         raise ValueError("ask for at least one sample")
-    if model.config.num_classes is not None:
-        raise ValueError(f"{model.name} is a class-conditional model ({model.config.num_classes} classes): ILVR "
-                         "samples unconditional models; use its unconditional variant (for guided-diffusion's "
-                         "ImageNet 256 px: 256x256_diffusion_uncond.pt)")
+    check_unconditional(model)
     device = model.device
     size = model.image_size
     channels = model.config.in_channels
@@ -247,6 +244,14 @@ def settings_dict(model: DiffusionModel, *, n_factor: int | None, kernel: str, s
         d["model_options"] = model.info["options"]
     d.update(extra)
     return d
+
+
+def check_unconditional(model: DiffusionModel) -> None:
+    """Class-conditional checkpoints load (``ilvr info`` describes them) but need a class label per sample."""
+    if model.config.num_classes is not None:
+        raise ValueError(f"{model.name} is a class-conditional model ({model.config.num_classes} classes): ILVR "
+                         "samples unconditional models; use its unconditional variant (for guided-diffusion's "
+                         "ImageNet 256 px: 256x256_diffusion_uncond.pt)")
 
 
 def validate_steps(model: DiffusionModel, steps: str | int) -> int:

@@ -251,3 +251,14 @@ def test_grayscale_model_runs_every_job_kind(tmp_path):
     luma = np.asarray(photo.convert("L"), np.int16)
     assert np.abs(np.asarray(out, np.int16) - luma).max() <= 1  # everything pinned or N=1: the input's luma
     assert Image.open(saved.grid_path).size[0] > 32
+
+
+def test_class_conditional_model_is_refused_before_sampling():
+    from conftest import tiny_unet
+
+    from ilvr.model import DiffusionModel
+    from ilvr.schedule import DiffusionConfig
+
+    model = DiffusionModel(unet=tiny_unet(num_classes=10), diffusion=DiffusionConfig(), name="imagenet")
+    with pytest.raises(ValueError, match="class-conditional"):
+        S.translation_job(model, Image.new("RGB", (8, 8)), 4, 1, "4", 0, "cubic", "ddpm", 0)
