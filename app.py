@@ -278,7 +278,8 @@ def build_demo() -> gr.Blocks:
                                             "from the Hugging Face Hub on first use")
             model_path = gr.Textbox("", label="…or a local checkpoint", scale=2, elem_id="model-path",
                                     placeholder="path to a .pt / .safetensors file or a diffusers folder",
-                                    info="overrides the list when filled")
+                                    info="overrides the list when filled; the status line says what a "
+                                         "guided-diffusion .pt left to assume")
             load_btn = gr.Button("Load model", scale=1, elem_id="load-model")
         model_status = gr.Markdown("Loading the bundled model …", elem_id="model-status")
 

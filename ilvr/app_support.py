@@ -26,7 +26,7 @@ from PIL import Image
 from .filters import check_factor, check_kernel
 from .grid import labelled_rows
 from .images import ImageError, load_reference, open_image, save_png, square_resize, tensor_to_pil, to_rgb
-from .loading import WEIGHT_SUFFIXES, ModelLoadError, load_model
+from .loading import WEIGHT_SUFFIXES, ModelLoadError, assumed_settings, load_model
 from .model import DiffusionModel
 from .registry import BUNDLED, BY_NAME, DEFAULT_MODEL
 from .sampler import SAMPLERS, Cancelled, StepInfo, check_unconditional, sample, settings_dict, validate_steps
@@ -629,10 +629,16 @@ def model_markdown(model: DiffusionModel, presets: dict[str, int]) -> str:
     """Status line for the model picker."""
     params = sum(p.numel() for p in model.unet.parameters()) / 1e6
     p = presets
-    return (f"**Loaded** `{model.name}`: {model.image_size} px, {params:.1f} M parameters, "
+    text = (f"**Loaded** `{model.name}`: {model.image_size} px, {params:.1f} M parameters, "
             f"{model.info.get('family', '?')} format · **device: {device_label(model)}** · "
             f"paper presets scaled to {model.image_size} px: translation N={p['translation']}, "
             f"paint N={p['paint']}, scribbles N={p['scribble']}")
+    assumed = assumed_settings(model)
+    if assumed:
+        text += ("\n\nRead with the published ADM settings, which a guided-diffusion `.pt` does not record: "
+                 + ", ".join(f"`{k}={v}`" for k, v in assumed.items()) + ". A model of your own trained otherwise: "
+                 "`python -m ilvr convert model.pt --model-option KEY=VALUE --out folder`, then load the folder.")
+    return text
 
 
 def rows_for_factors(factors: Sequence[int]) -> list[Row]:

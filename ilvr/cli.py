@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_info(args) -> int:
-    from .loading import load_model
+    from .loading import assumed_settings, load_model
     from .network import count_parameters
 
     model = load_model(args.model, device="cpu", cpu_backend="torch",  # only looked at: no onnxruntime export
@@ -146,19 +146,12 @@ def cmd_info(args) -> int:
         print(f"{section}:")
         for k, v in d[section].items():
             print(f"  {k:22s} {v}")
-    if d["format"] == "adm":
-        given = model.info.get("options", {})
-        heads = ({"num_heads": d["unet"]["num_heads"]} if d["unet"]["num_head_channels"] == -1
-                 else {"num_head_channels": d["unet"]["num_head_channels"]})
-        assumed = {"image_size": d["image_size"], **heads, "attention_order": "legacy",
-                   **{k: d["diffusion"][k] for k in ("beta_schedule", "num_train_timesteps", "prediction_type")}}
-        assumed = {k: v for k, v in assumed.items() if k not in given and not (k in heads and given.keys() & {
-            "num_heads", "num_head_channels"})}
-        if assumed:
-            print("not recorded in a guided-diffusion .pt, so assumed as in the published ADM/ILVR/P2 models: "
-                  + ", ".join(f"{k}={v}" for k, v in assumed.items())
-                  + ". A model trained otherwise needs --model-option KEY=VALUE (guided-diffusion trains with "
-                  "num_heads=4 unless given --num_head_channels).")
+    assumed = assumed_settings(model)
+    if assumed:
+        print("not recorded in a guided-diffusion .pt, so assumed as in the published ADM/ILVR/P2 models: "
+              + ", ".join(f"{k}={v}" for k, v in assumed.items())
+              + ". A model trained otherwise needs --model-option KEY=VALUE (guided-diffusion trains with "
+              "num_heads=4 unless given --num_head_channels).")
     return 0
 
 

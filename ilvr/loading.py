@@ -577,6 +577,21 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
+def assumed_settings(model: DiffusionModel) -> dict[str, Any]:
+    """What loading assumed because a guided-diffusion .pt does not record it (and no option gave it):
+    the published ADM/ILVR/P2 models' values, which a user's own model may not share."""
+    if model.info.get("family") != "adm" or model.info.get("known"):  # the registry's models are checked
+        return {}
+    cfg, diffusion, given = model.unet.config, model.diffusion, model.info.get("options", {})
+    heads = {"num_heads": cfg.num_heads} if cfg.num_head_channels == -1 else {"num_head_channels": cfg.num_head_channels}
+    if given.keys() & {"num_heads", "num_head_channels"}:
+        heads = {}
+    assumed = {"image_size": cfg.image_size, **heads, "attention_order": "legacy",
+               "beta_schedule": diffusion.beta_schedule, "num_train_timesteps": diffusion.num_train_timesteps,
+               "prediction_type": diffusion.prediction_type}
+    return {k: v for k, v in assumed.items() if k not in given}
+
+
 def load_model(source: str | os.PathLike, device: str | torch.device | None = "auto",
                dtype: torch.dtype | str | None = None, *, filename: str | None = None, revision: str | None = None,
                cache_dir: str | os.PathLike | None = None, channels_last: bool | None = None,
@@ -592,7 +607,7 @@ def load_model(source: str | os.PathLike, device: str | torch.device | None = "a
     overrides (what a guided-diffusion .pt does not record): image_size, num_head_channels or num_heads,
     attention_order ('legacy'|'new') and any DiffusionConfig field (e.g. beta_schedule='cosine').
     """
-    from .registry import BUNDLED, BY_NAME
+    from .registry import BUNDLED, BY_NAME, MODELS
 
     dev = resolve_device(device)
     name = str(source)
@@ -613,6 +628,7 @@ def load_model(source: str | os.PathLike, device: str | torch.device | None = "a
         path = download_from_hub(repo_id, filename or file_in_id or None, revision, cache_dir)
         unet, diffusion, info = load_local(path, **overrides)
         info["repo_id"] = repo_id
+        info["known"] = any(m.source == repo_id and m.filename == (filename or file_in_id or None) for m in MODELS)
     dtype = resolve_dtype(dtype, dev)
     if dev.type == "cpu":
         keep_freed_heap()

@@ -262,3 +262,16 @@ def test_class_conditional_model_is_refused_before_sampling():
     model = DiffusionModel(unet=tiny_unet(num_classes=10), diffusion=DiffusionConfig(), name="imagenet")
     with pytest.raises(ValueError, match="class-conditional"):
         S.translation_job(model, Image.new("RGB", (8, 8)), 4, 1, "4", 0, "cubic", "ddpm", 0)
+
+
+def test_status_line_says_what_a_guided_diffusion_file_left_to_assume(tmp_path, tiny_model):
+    from conftest import tiny_unet
+
+    from ilvr.loading import load_model
+
+    torch.save(tiny_unet().state_dict(), tmp_path / "mine.pt")
+    adm = load_model(str(tmp_path / "mine.pt"), device="cpu", cpu_backend="torch")
+    presets = {"translation": 4, "paint": 8, "scribble": 2}
+    assert "`beta_schedule=linear`" in S.model_markdown(adm, presets)
+    assert "python -m ilvr convert" in S.model_markdown(adm, presets)
+    assert "convert" not in S.model_markdown(tiny_model, presets)  # our format records everything

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ilvr.loading import ModelLoadError, infer_adm_config, load_model, unet_config_from_diffusers
+from ilvr.loading import ModelLoadError, assumed_settings, infer_adm_config, load_model, unet_config_from_diffusers
 from ilvr.network import UNet, UNetConfig
 
 # the published ADM flag sets, scaled down in width (same structure)
@@ -253,6 +253,9 @@ def test_hub_raw_checkpoint_with_filename(tmp_path, monkeypatch):
     assert model.unet.config == P2_SMALL
     same = load_model("deepinv/diffunet", filename="diffusion_ffhq_10m.pt", device="cpu", cache_dir=cache)
     assert same.unet.config == P2_SMALL
+    assert assumed_settings(model) == assumed_settings(same) == {}  # the registry's FFHQ model: settings checked
+    local = load_model(pt, device="cpu", cpu_backend="torch")  # someone's own .pt: say what was assumed
+    assert assumed_settings(local)["beta_schedule"] == "linear" and assumed_settings(local)["num_head_channels"] == 64
 
 
 def test_hub_offline_and_missing_give_clear_errors(tmp_path, monkeypatch):
