@@ -47,6 +47,9 @@ def _model_option(text: str) -> tuple[str, object]:
         return key.strip(), value
 
 
+PROCESS_FRAMES = 50
+
+
 MODEL_OPTION_HELP = ("a loading setting the weights file does not record, as KEY=VALUE (repeatable): "
                      "beta_schedule=cosine, num_train_timesteps=4000, prediction_type=sample, num_heads=4, num_head_channels=32, "
                      "attention_order=new, image_size=128, ... (`python -m ilvr info MODEL` shows what is assumed)")
@@ -89,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mask", help="PNG whose white pixels mark where ILVR applies (scribble editing)")
     s.add_argument("--keep-outside", action="store_true", help="with --mask: keep the reference outside the mask")
     s.add_argument("--unconditional", action="store_true", help="ignore references: plain DDPM samples")
+    s.add_argument("--save-process", action="store_true",
+                   help="also write <name>_<k>_process.gif: the model's guess of the final image (predicted x0) "
+                        f"at {PROCESS_FRAMES} evenly spaced steps, from noise to the sample")
 
     i = sub.add_parser("info", help="print the inferred architecture and diffusion settings of a model")
     i.add_argument("model")
@@ -175,7 +181,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from .images import load_reference, save_png, tensor_to_pil
+    from .images import load_reference, save_animation, save_png, tensor_to_pil
     from .loading import load_model
     from .filters import check_factor
     from .registry import scaled_factor
@@ -186,6 +192,8 @@ def cmd_sample(args) -> int:
     if not args.ref and not args.ref_dir and not args.unconditional:
         raise SystemExit("error: give --ref IMAGE (repeatable), --ref-dir FOLDER or --unconditional")
     if args.ref_dir:
+        if args.save_process:
+            raise SystemExit("error: --save-process is for --ref and --unconditional runs, not --ref-dir")
         from .batch import run_folder
 
         return run_folder(args)
@@ -209,15 +217,25 @@ def cmd_sample(args) -> int:
         seeds = [derive_seed(args.seed, key, k) for k in range(args.num)]
         for start in range(0, args.num, args.batch_size):
             chunk = seeds[start:start + args.batch_size]
+            frames: list[list] = [[] for _ in chunk]  # per sample, predicted x0 at evenly spaced steps
+
+            def on_step(info, count=len(chunk), frames=frames):
+                bar.update(count)
+                every = max(1, info.total // PROCESS_FRAMES)
+                if args.save_process and (info.index % every == 0 or info.index == info.total):
+                    for j, guess in enumerate(info.pred_x0):
+                        frames[j].append(tensor_to_pil(guess))
+
             x = sample(model, ref, seeds=chunk, n_factor=n, kernel=args.filter, steps=args.steps, stop_at=args.stop_at,
-                       sampler=args.sampler, mask=mask, keep_outside=args.keep_outside,
-                       progress=lambda info, n=len(chunk): bar.update(n))
+                       sampler=args.sampler, mask=mask, keep_outside=args.keep_outside, progress=on_step)
             for j, img in enumerate(x):
                 k = start + j
                 settings = settings_dict(model, n_factor=None if ref is None else n, kernel=args.filter,
                                          steps=args.steps, stop_at=args.stop_at, sampler=args.sampler,
                                          seed=chunk[j], reference=str(path) if ref is not None else None, index=k)
                 save_png(tensor_to_pil(img), out / f"{path.stem}_{k}.png", settings)
+                if args.save_process:
+                    save_animation(frames[j] + [tensor_to_pil(img)], out / f"{path.stem}_{k}_process.gif")
     bar.close()
     print(f"wrote {total} images to {out}")
     return 0

@@ -123,6 +123,19 @@ def save_png(img: Image.Image, path: str | os.PathLike, settings: dict[str, Any]
     return path
 
 
+def save_animation(frames: list[Image.Image], path: str | os.PathLike, frame_ms: int = 60, hold_ms: int = 1500) -> Path:
+    """An endlessly looping GIF of the frames, the last held a while; written atomically like save_png."""
+    if not frames:
+        raise ValueError("no frames to animate")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], loop=0,
+                   duration=[frame_ms] * (len(frames) - 1) + [hold_ms], disposal=1)
+    os.replace(tmp, path)
+    return path
+
+
 def read_settings(path: str | os.PathLike) -> dict[str, Any]:
     """The sampling settings embedded in one of our PNGs."""
     with Image.open(path) as img:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -34,6 +35,21 @@ def test_sample_writes_pngs_with_settings(tiny_checkpoint, ref_png, tmp_path):
     assert Image.open(files[0]).size == (32, 32)
     s = read_settings(files[0])
     assert s["N"] == 4 and s["steps"] == "5" and s["filter"] == "cubic" and s["reference"].endswith("ref.png")
+
+
+def test_save_process_writes_an_animation_per_sample(tiny_checkpoint, ref_png, tmp_path):
+    out = tmp_path / "out"
+    assert main(["sample", "--model", str(tiny_checkpoint), "--ref", str(ref_png), "--steps", "5", "--num", "2",
+                 "--batch-size", "2", "--save-process", "--out", str(out)]) == 0
+    gif = Image.open(out / "ref_1_process.gif")
+    assert gif.n_frames == 6  # predicted x0 after each of the 5 steps, then the sample itself
+    gif.seek(gif.n_frames - 1)
+    final = Image.open(out / "ref_1.png").convert("RGB")
+    assert gif.size == final.size == (32, 32)
+    last = np.asarray(gif.convert("RGB"), np.float32)
+    assert np.abs(last - np.asarray(final, np.float32)).mean() < 8  # the sample, up to GIF's 256 colours
+    with pytest.raises(SystemExit, match="not --ref-dir"):
+        main(["sample", "--model", str(tiny_checkpoint), "--ref-dir", str(tmp_path), "--save-process", "--out", str(out)])
 
 
 def test_sample_with_mask(tiny_checkpoint, ref_png, tmp_path):
