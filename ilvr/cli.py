@@ -212,8 +212,11 @@ def cmd_sample(args) -> int:
     total = len(jobs) * args.num
     steps_per_sample = len(model.schedule.respace(args.steps).timestep_map)
     bar = tqdm(total=total * steps_per_sample, desc="sampling", unit="img-step")
+    used: dict[str, int] = {}
     for path, ref in jobs:
         key = path.name
+        seen = used[path.stem.casefold()] = used.get(path.stem.casefold(), 0) + 1  # a/cat.png, b/Cat.jpg: no overwrite
+        name = path.stem if seen == 1 else f"{path.stem}-{seen}"
         seeds = [derive_seed(args.seed, key, k) for k in range(args.num)]
         for start in range(0, args.num, args.batch_size):
             chunk = seeds[start:start + args.batch_size]
@@ -233,9 +236,9 @@ def cmd_sample(args) -> int:
                 settings = settings_dict(model, n_factor=None if ref is None else n, kernel=args.filter,
                                          steps=args.steps, stop_at=args.stop_at, sampler=args.sampler,
                                          seed=chunk[j], reference=str(path) if ref is not None else None, index=k)
-                save_png(tensor_to_pil(img), out / f"{path.stem}_{k}.png", settings)
+                save_png(tensor_to_pil(img), out / f"{name}_{k}.png", settings)
                 if args.save_process:
-                    save_animation(frames[j] + [tensor_to_pil(img)], out / f"{path.stem}_{k}_process.gif")
+                    save_animation(frames[j] + [tensor_to_pil(img)], out / f"{name}_{k}_process.gif")
     bar.close()
     print(f"wrote {total} images to {out}")
     return 0

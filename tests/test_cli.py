@@ -52,6 +52,17 @@ def test_save_process_writes_an_animation_per_sample(tiny_checkpoint, ref_png, t
         main(["sample", "--model", str(tiny_checkpoint), "--ref-dir", str(tmp_path), "--save-process", "--out", str(out)])
 
 
+def test_references_with_the_same_name_do_not_overwrite_each_other(tiny_checkpoint, ref_png, tmp_path):
+    other = tmp_path / "other" / "ref.png"
+    other.parent.mkdir()
+    Image.new("RGB", (32, 32), (20, 200, 20)).save(other)
+    out = tmp_path / "out"
+    assert main(["sample", "--model", str(tiny_checkpoint), "--ref", str(ref_png), "--ref", str(other), "--N", "2",
+                 "--steps", "3", "--num", "1", "--out", str(out)]) == 0
+    assert sorted(f.name for f in out.glob("*.png")) == ["ref-2_0.png", "ref_0.png"]
+    assert read_settings(out / "ref-2_0.png")["reference"] == str(other)
+
+
 def test_sample_with_mask(tiny_checkpoint, ref_png, tmp_path):
     mask = Image.new("L", (32, 32), 0)
     mask.paste(255, (8, 8, 24, 24))
