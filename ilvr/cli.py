@@ -215,8 +215,9 @@ def cmd_sample(args) -> int:
     used: dict[str, int] = {}
     for path, ref in jobs:
         key = path.name
-        seen = used[path.stem.casefold()] = used.get(path.stem.casefold(), 0) + 1  # a/cat.png, b/Cat.jpg: no overwrite
-        name = path.stem if seen == 1 else f"{path.stem}-{seen}"
+        stem = path.stem.casefold()  # a/cat.png and b/Cat.jpg must not overwrite each other's outputs
+        used[stem] = used.get(stem, 0) + 1
+        name = path.stem if used[stem] == 1 else f"{path.stem}-{used[stem]}"
         seeds = [derive_seed(args.seed, key, k) for k in range(args.num)]
         for start in range(0, args.num, args.batch_size):
             chunk = seeds[start:start + args.batch_size]
