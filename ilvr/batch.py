@@ -275,7 +275,7 @@ def _run(args, comm: Comm) -> int:
             try:
                 model = load_model(args.model, device=comm.device, dtype=args.dtype, **model_options(args))
                 if args.compile:
-                    model.compile()
+                    model.compile(args.compile_mode)
                 check_unconditional(model)
                 validate_steps(model, args.steps)
                 n = args.n_factor or scaled_factor("translation", model.image_size)

@@ -50,7 +50,7 @@ import torch
 
 from .cpu_memory import keep_freed_heap, release_freed_heap
 from .filters import LowPass, resize_right_lowpass
-from .model import DiffusionModel, inference_unet
+from .model import COMPILE_MODES, DiffusionModel, inference_unet
 from .network import UNet, UNetConfig, count_parameters
 from .onnx_cpu import cpu_runtime_for
 from .sampler import conditioned_steps, sample
@@ -113,16 +113,10 @@ def make_fast(model: DiffusionModel, *, dtype: torch.dtype | None = None, channe
     half = dtype != torch.float32 and model.device.type == "cuda"
     if channels_last or compile or half:
         unet = inference_unet(copy.deepcopy(unet), model.device, dtype, channels_last)
-        if compile:
-            # dynamic=False: one graph per batch size, specialised (a shape change would otherwise switch
-            # to a dynamic-shape graph, which is slower). mode "reduce-overhead" adds CUDA graphs.
-            unet.compile(dynamic=False, mode=None if compile_mode in (None, "default") else compile_mode)
-    # reduce-overhead and max-autotune capture CUDA graphs of their own; max-autotune-no-cudagraphs leaves ours
-    own_graphs = compile and compile_mode in ("reduce-overhead", "max-autotune")
-    return DiffusionModel(unet=unet, diffusion=model.diffusion, name=model.name, device=model.device,
-                          dtype=dtype, source=model.source, info=dict(model.info),
-                          cuda_graphs=cuda_graphs and not own_graphs,
+    fast = DiffusionModel(unet=unet, diffusion=model.diffusion, name=model.name, device=model.device,
+                          dtype=dtype, source=model.source, info=dict(model.info), cuda_graphs=cuda_graphs,
                           cpu_runtime=None if compile else cpu_runtime_for(unet, model.device, dtype, cpu_backend))
+    return fast.compile(compile_mode) if compile else fast
 
 
 # ----------------------------------------------------------------------------- the straightforward loop
@@ -560,8 +554,7 @@ def add_arguments(p) -> None:
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="fast path: UNet in channels_last memory format (default: on CPU, as load_model does)")
     p.add_argument("--compile", action="store_true", help="fast path: torch.compile the UNet (compile time reported as warm-up)")
-    p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune",
-                                                            "max-autotune-no-cudagraphs"],
+    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
                    help="torch.compile mode; reduce-overhead and max-autotune capture their own CUDA graphs "
                         "(ours is then off), max-autotune-no-cudagraphs autotunes kernels and keeps ours")
     p.add_argument("--cpu-backend", default=None, choices=["onnxruntime", "torch"],

@@ -10,6 +10,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .filters import KERNELS
+from .model import COMPILE_MODES
 
 
 def derive_seed(seed: int, key: str, k: int) -> int:
@@ -89,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the UNet: faster steps on a GPU after a one-off compile per batch size "
                         "(about a minute; later runs reuse Inductor's on-disk cache and start in seconds); for many "
                         "samples. On CPU it replaces the default onnxruntime UNet, which was as fast or faster")
+    s.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                   help="with --compile: Inductor's mode; max-autotune-no-cudagraphs benchmarks kernel choices per "
+                        "shape on a GPU (minutes more compile); reduce-overhead and max-autotune use their own CUDA "
+                        "graphs instead of ours")
     s.add_argument("--mask", help="PNG whose white pixels mark where ILVR applies (scribble editing)")
     s.add_argument("--keep-outside", action="store_true", help="with --mask: keep the reference outside the mask")
     s.add_argument("--unconditional", action="store_true", help="ignore references: plain DDPM samples")
@@ -199,7 +204,7 @@ def cmd_sample(args) -> int:
         return run_folder(args)
     model = load_model(args.model, device=args.device, dtype=args.dtype, **model_options(args))
     if args.compile:
-        model.compile()
+        model.compile(args.compile_mode)
     check_unconditional(model)
     validate_steps(model, args.steps)
     n = args.n_factor or scaled_factor("translation", model.image_size)

@@ -66,6 +66,8 @@ def test_compile_modes_that_capture_cuda_graphs_turn_ours_off(tiny_model, mode, 
     # Two captures of one call would nest; modes without their own graphs keep our replay.
     fast = bench.make_fast(tiny_model, compile=True, compile_mode=mode)  # compiles lazily: nothing runs here
     assert fast.cuda_graphs is ours_kept
+    with pytest.raises(ValueError, match="compile mode must be one of"):
+        fast.compile("fastest")
 
 
 def test_plain_loop_is_seeded_and_uses_the_reference(tiny_model):
