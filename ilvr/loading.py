@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -433,7 +433,7 @@ def build_from_files(weights: Path, config: dict[str, Any] | None = None,
                 f"time_embed.0.weight, out.2.weight, ...) or diffusers UNet2DModel keys (conv_in.weight, "
                 f"down_blocks.0.resnets.0.conv1.weight, ...); found {sample}, ...")
         if image_size:
-            unet_cfg.image_size = int(image_size)
+            unet_cfg = replace(unet_cfg, image_size=int(image_size))  # re-checked: the levels must divide it
         if (num_head_channels or num_heads) and family != "adm":
             raise ModelLoadError(f"{weights.name} records its attention heads ({family} format); num_head_channels and "
                                  "num_heads are only for guided-diffusion .pt files, which do not")

@@ -45,6 +45,16 @@ class UNetConfig:
         self.attention_levels = tuple(sorted(self.attention_levels))
         if self.downsample_padding not in ("symmetric", "asymmetric"):
             raise ValueError(f"downsample_padding must be 'symmetric' or 'asymmetric', got {self.downsample_padding!r}")
+        levels = len(self.channel_mult)
+        if any(not 0 <= level < levels for level in self.attention_levels):
+            raise ValueError(f"attention levels {list(self.attention_levels)} must be level indices 0..{levels - 1} "
+                             f"({levels} levels)")
+        if self.image_size % 2 ** (levels - 1):
+            raise ValueError(f"image size {self.image_size} must be divisible by {2 ** (levels - 1)}: each of the "
+                             f"{levels} levels after the first halves it")
+        widths = sorted({int(self.model_channels * m) for m in self.channel_mult})
+        if any(w % self.norm_groups for w in widths):
+            raise ValueError(f"channel counts {widths} must be multiples of the {self.norm_groups} GroupNorm groups")
 
     def heads(self, channels: int) -> int:
         """Attention heads at a level with this many channels."""

@@ -134,15 +134,14 @@ def _autocast(device: torch.device, enabled: bool, cpu_bf16: bool = False):
 def train(cfg: TrainConfig, log=print) -> Path:
     device = pick_device(cfg.device)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    data = load_dataset(cfg.data, cfg.image_size, cfg.channels)
-    log(f"{len(data)} training images from {cfg.data}, {cfg.image_size}px, device {device}")
-
     unet_cfg = UNetConfig(image_size=cfg.image_size, in_channels=cfg.channels, out_channels=cfg.channels,
                           model_channels=cfg.model_channels, channel_mult=cfg.channel_mult,
                           num_res_blocks=cfg.num_res_blocks, attention_levels=cfg.attention_levels,
                           num_head_channels=cfg.num_head_channels)
     diffusion = DiffusionConfig(variance_type="fixed_small")
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_dataset(cfg.data, cfg.image_size, cfg.channels)  # after the config's checks: no wait for an error
+    log(f"{len(data)} training images from {cfg.data}, {cfg.image_size}px, device {device}")
     schedule = Schedule.from_config(diffusion)
     abar = torch.tensor(schedule.alphas_cumprod, dtype=torch.float32, device=device)
 

@@ -220,3 +220,16 @@ def test_unet_traces_into_one_graph_for_torch_compile():
         torch._dynamo.reset()
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(attention_levels=(4,)), "must be level indices 0..3"),
+    (dict(image_size=60), "must be divisible by 8"),
+    (dict(model_channels=20), "multiples of the 32 GroupNorm groups"),
+])
+def test_configs_that_cannot_build_a_working_unet_are_refused(change, message):
+    """Each of these used to be accepted: an ignored attention level, or a crash deep inside a forward pass."""
+    base = dict(image_size=64, model_channels=32, channel_mult=(1, 2, 2, 4), attention_levels=(3,))
+    UNetConfig(**base)
+    with pytest.raises(ValueError, match=message):
+        UNetConfig(**{**base, **change})
