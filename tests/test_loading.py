@@ -171,7 +171,9 @@ def test_user_diffusers_configs_match_diffusers(tmp_path, name):
     (dict(sample_size=[16, 32]), "16x32 images; only square"),
 ])
 def test_diffusers_options_we_do_not_compute_are_refused(change, named):
-    """Each of these loads without a shape error in a naive mapping and then samples wrong images."""
+    """Options our UNet does not compute the same way are refused by name: several used to load and sample
+    wrong images (act_fn, center_input_sample, attn_norm_num_groups, skip blocks), the rest failed with a
+    key or shape error that did not say why."""
     with pytest.raises(ModelLoadError, match=named):
         unet_config_from_diffusers(dict(_TWO_LEVELS, **change))
     unet_config_from_diffusers(dict(_TWO_LEVELS))  # the same config without the change is fine
