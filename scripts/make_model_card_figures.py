@@ -30,6 +30,7 @@ def main() -> None:
 
     model = load_model(args.model, device="auto")
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     x = sample(model, None, seeds=[args.seed + k for k in range(16)], steps=args.steps)
     image_grid(to_pils(x), cols=8).resize((8 * 66 * 2, 2 * 66 * 2), 0).save(out / "samples_unconditional.png")
     for ref_path in args.ref:
