@@ -148,6 +148,7 @@ def cmd_info(args) -> int:
     d["parameters"] = count_parameters(model.unet)
     d["format"] = model.info.get("family")
     d["options"] = model.info.get("options", {})
+    d["assumed"] = assumed_settings(model)
     if args.json:
         print(json.dumps(d, indent=2))
         return 0
@@ -157,10 +158,9 @@ def cmd_info(args) -> int:
         print(f"{section}:")
         for k, v in d[section].items():
             print(f"  {k:22s} {v}")
-    assumed = assumed_settings(model)
-    if assumed:
+    if d["assumed"]:
         print("not recorded in a guided-diffusion .pt, so assumed as in the published ADM/ILVR/P2 models: "
-              + ", ".join(f"{k}={v}" for k, v in assumed.items())
+              + ", ".join(f"{k}={v}" for k, v in d["assumed"].items())
               + ". A model trained otherwise needs --model-option KEY=VALUE (guided-diffusion trains with "
               "num_heads=4 unless given --num_head_channels).")
     return 0

@@ -95,6 +95,7 @@ def test_model_options_fill_in_what_a_guided_diffusion_file_does_not_record(ref_
     d = json.loads(capsys.readouterr().out)
     assert d["unet"]["num_head_channels"] == 32 and d["diffusion"]["beta_schedule"] == "cosine"
     assert d["options"] == {"num_head_channels": 32, "beta_schedule": "cosine"}
+    assert d["assumed"]["num_train_timesteps"] == 1000 and "beta_schedule" not in d["assumed"]
 
     out = tmp_path / "out"
     assert main(["sample", "--model", str(weights), *options, "--ref", str(ref_png), "--steps", "3", "--num", "1",
