@@ -199,13 +199,13 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any]) -> UNetConfig:
         "add_attention": not cfg.get("add_attention", True),
         "time_embedding_dim": cfg.get("time_embedding_dim") not in (None, 4 * boc[0]),
         "norm_num_groups": not isinstance(groups, int),
-        "attn_norm_num_groups": mid_groups != groups,
+        "attn_norm_num_groups": mid_groups is not None and mid_groups != groups,
         "class_embed_type": cfg.get("class_embed_type") is not None,
     }
     bad = [f"{k}={cfg.get(k)!r}" for k, v in unsupported.items() if v]
     if mid_groups is None:
-        bad[bad.index("attn_norm_num_groups=None")] = ("a middle attention without GroupNorm (diffusers' choice for "
-                                                       "resnet_time_scale_shift='scale_shift' without attn_norm_num_groups)")
+        bad.append("a middle attention without GroupNorm (diffusers' choice for resnet_time_scale_shift='scale_shift' "
+                   "without attn_norm_num_groups)")
     if bad:
         raise ModelLoadError(f"this diffusers UNet uses options our UNet does not implement: {', '.join(bad)}")
     head_dim = cfg.get("attention_head_dim", 8)

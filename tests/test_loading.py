@@ -169,6 +169,7 @@ def test_user_diffusers_configs_match_diffusers(tmp_path, name):
     (dict(downsample_type="resnet", upsample_type="resnet"), "one kind"),
     (dict(down_block_types=["DownBlock2D", "AttnSkipDownBlock2D"]), "AttnSkipDownBlock2D"),
     (dict(sample_size=[16, 32]), "16x32 images; only square"),
+    (dict(norm_num_groups=None), "norm_num_groups=None"),
 ])
 def test_diffusers_options_we_do_not_compute_are_refused(change, named):
     """Options our UNet does not compute the same way are refused by name: several used to load and sample
