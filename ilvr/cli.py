@@ -174,10 +174,10 @@ def cmd_convert(args) -> int:
     from .loading import load_model
     from .train import export_model
 
-    model = load_model(args.model, device="cpu", cpu_backend="torch", **model_options(args))
     out = Path(args.out)
-    if (out / "model.safetensors").exists() or (out / "config.json").exists():
+    if (out / "model.safetensors").exists() or (out / "config.json").exists():  # before a load or download
         raise ValueError(f"{out} already holds a model; pick a new --out")
+    model = load_model(args.model, device="cpu", cpu_backend="torch", **model_options(args))
     info = {"converted_from": str(args.model), "family": model.info.get("family"), **(
         {"options": model.info["options"]} if model.info.get("options") else {})}
     path = export_model(model.unet, model.diffusion, out, info, torch.float32 if args.fp32 else torch.float16)
