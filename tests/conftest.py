@@ -17,6 +17,22 @@ TINY = dict(image_size=32, model_channels=32, channel_mult=(1, 2), num_res_block
             num_head_channels=32)
 
 
+# `python -m ilvr train` flags for a tiny 16 px model: two levels, attention at the second
+TINY_TRAIN_FLAGS = ["--image-size", "16", "--channels", "32", "--channel-mult", "1,2", "--attention-levels", "1"]
+
+
+def noise_images(folder: Path, sizes: list[tuple[int, int]], seed: int = 0) -> Path:
+    """A folder of random RGB PNGs (height, width per image) to train on."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i, (h, w) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
 def tiny_unet(seed: int = 0, **overrides) -> UNet:
     torch.manual_seed(seed)
     unet = UNet(UNetConfig(**{**TINY, **overrides})).eval()

@@ -23,6 +23,7 @@ from ilvr.model import DiffusionModel
 from ilvr.network import UNetConfig
 from ilvr.sampler import sample
 from ilvr.schedule import DiffusionConfig
+from conftest import TINY_TRAIN_FLAGS, noise_images
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -95,15 +96,10 @@ def test_learned_range_adm_layout_runs_with_channels_last_and_fp16():
 def test_train_on_cuda_few_steps(tmp_path):
     from ilvr.cli import main
 
-    data = tmp_path / "data"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(data / f"{i}.png")
+    data = noise_images(tmp_path / "data", [(24, 24)] * 4)
     out = tmp_path / "model"
-    assert main(["train", "--data", str(data), "--out", str(out), "--image-size", "16", "--channels", "32",
-                 "--channel-mult", "1,2", "--attention-levels", "1", "--batch-size", "4", "--steps", "3",
-                 "--sample-every", "0", "--device", "cuda"]) == 0
+    assert main(["train", "--data", str(data), "--out", str(out), *TINY_TRAIN_FLAGS, "--batch-size", "4",
+                 "--steps", "3", "--sample-every", "0", "--device", "cuda"]) == 0
     assert json.loads((out / "config.json").read_text())["training"]["steps"] == 3
     assert torch.isfinite(sample(load_model(out, device="cuda"), None, seeds=[0], steps="3")).all()
 
