@@ -7,6 +7,7 @@
 #   PARTS="tests bench" bash scripts/gpu_check.sh
 #   PARTS=profile bash scripts/gpu_check.sh       # where a compiled batch-1 ADM step's time goes (not in the default)
 #   PARTS=autotune bash scripts/gpu_check.sh      # batch 8 with Inductor's max-autotune (not in the default: minutes of tuning)
+#   PARTS=breakdown bash scripts/gpu_check.sh     # batch-8 compiled kernels by kind + NCHW/NHWC and GroupNorm A/B (~4 min)
 #
 # The benchmark needs resize-right for its plain loop; on a machine without package access, put its
 # wheel in .whl/ first (`pip download resize-right==0.0.2 -d .whl`) and this script installs it.
@@ -47,9 +48,10 @@ for part in $PARTS; do
     autotune) run_part bench_autotune 420 "$PYTHON" -m ilvr bench --models adm256 --batch 8 --compile \
                  --compile-mode max-autotune-no-cudagraphs --no-fp32-variant --repeats 2 \
                  --json "$OUT/${PREFIX}_bench_autotune.json" ;;
+    breakdown) run_part breakdown 300 "$PYTHON" scripts/gpu_step_breakdown.py --deadline 230 ;;
     profile) run_part profile 200 "$PYTHON" scripts/profile_step.py --model adm256 --compile \
                  --out "$OUT/${PREFIX}_profile" ;;
-    *) echo "unknown part '$part' (tests, bench, compile, autotune, profile)" >&2; status=1 ;;
+    *) echo "unknown part '$part' (tests, bench, compile, autotune, profile, breakdown)" >&2; status=1 ;;
   esac
 done
 exit $status

@@ -4,6 +4,7 @@ CPU only, tiny random model, no timing assertions.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ilvr import bench
+from ilvr import bench, network
 from ilvr.cli import main
 from ilvr.network import UNetConfig
 from ilvr.sampler import sample
@@ -128,3 +129,19 @@ def test_timed_steps_are_full_runs_only_for_brief_cuda_runs():
     assert bench.timed_steps(None, cuda, 8) == bench.TIMED_STEPS
     assert bench.timed_steps(None, cuda, 1) == bench.FULL_STEPS == 250
     assert bench.timed_steps(12, cuda, 1) == 12
+
+
+def test_step_breakdown_group_norm_variant_is_the_same_norm():
+    """The GPU A/B script's per-channel GroupNorm must compute what F.group_norm does, or its timing says nothing."""
+    spec = importlib.util.spec_from_file_location("gpu_step_breakdown",
+                                                  Path(__file__).resolve().parents[1] / "scripts/gpu_step_breakdown.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    norm = network.GroupNorm32(8, 32)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(3, 32, 9, 7, generator=torch.Generator().manual_seed(0)) * 3 + 2
+    for layout in (torch.contiguous_format, torch.channels_last):
+        got = script.group_norm_by_channel(norm, x.to(memory_format=layout))
+        torch.testing.assert_close(got, script.F_GROUP_NORM(norm, x), atol=1e-5, rtol=1e-5)
