@@ -41,7 +41,7 @@ run_part() {  # name, time limit in seconds, command...
 
 for part in $PARTS; do
   case $part in
-    tests)   run_part pytest_cuda 150 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py ;;
+    tests)   run_part pytest_cuda 150 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_cuda_graphs.py ;;
     bench)   run_part bench 260 "$PYTHON" -m ilvr bench --json "$OUT/${PREFIX}_bench.json" ;;
     compile) run_part bench_compile 280 "$PYTHON" -m ilvr bench --models adm256 --compile --repeats 2 \
                  --json "$OUT/${PREFIX}_bench_compile.json" ;;
