@@ -21,6 +21,7 @@ from PIL import Image, UnidentifiedImageError  # noqa: E402
 
 from ilvr import app_support as S  # noqa: E402
 from ilvr.filters import KERNELS, valid_factors  # noqa: E402
+from ilvr.images import MAX_PIXELS  # noqa: E402
 from ilvr.loading import ModelLoadError  # noqa: E402
 from ilvr.registry import (BUNDLED, BY_NAME, DEFAULT_MODEL, MODELS, SCRIBBLE_STOP_AT,  # noqa: E402
                            generation_factors, scaled_factor)
@@ -45,7 +46,8 @@ BRUSH_COLORS = ["#202020", "#ffffff", "#e8283c", "#ff8c1a", "#ffcc33", "#5cb85c"
                 "#f5a3c7", "#8b5a2b", "#f1c27d", "#c68642"]
 CSS = """
 .ilvr-explain {font-size: 0.95em; opacity: 0.9}
-.ilvr-grid img {image-rendering: pixelated}
+.ilvr-gallery img {image-rendering: pixelated}
+.ilvr-gallery .grid-container {grid-template-columns: repeat(auto-fill, minmax(100px, 1fr)) !important}
 """
 
 
@@ -61,7 +63,10 @@ def friendly(component):
             return preprocess(payload)
         except gr.Error:
             raise
-        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
+        except Image.DecompressionBombError as e:
+            raise gr.Error(f"The uploaded image is larger than {MAX_PIXELS // 1_000_000} megapixels. Shrink it "
+                           "first: it is resized to the model's resolution anyway.", title="Image too large") from e
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
             raise gr.Error(f"The uploaded file is not an image this app can read ({type(e).__name__}). "
                            "Use a PNG, JPEG or WebP.", title="Unreadable image") from e
 
@@ -71,8 +76,9 @@ def friendly(component):
 
 # ----------------------------------------------------------------------------- handlers
 def _message(e: Exception) -> str:
+    """The exception's text as a sentence; a leading file name (``notes.txt: ...``) keeps its case."""
     text = str(e).strip() or type(e).__name__
-    return text[0].upper() + text[1:]
+    return text[0].upper() + text[1:] if text.split(" ", 1)[0].isalpha() else text
 
 
 def _model(choice: str, path: str):
@@ -113,6 +119,14 @@ def load_model(choice: str, path: str):
            gr.update(choices=choices, value=p["scribble"]))
 
 
+def path_cleared(choice: str, path: str):
+    """Emptying the path box means the list's model again: reload the status (cached, so instant)."""
+    if (path or "").strip():
+        yield (gr.skip(),) * 6  # typing a path: it loads on Enter or the button
+        return
+    yield from load_model(choice, "")
+
+
 def _stream(job_fn, choice: str, path: str, request: gr.Request | None, progress: gr.Progress):
     """Shared body of the four sampling events: build the job, stream previews, save the results."""
     model = _model(choice, path)
@@ -120,7 +134,7 @@ def _stream(job_fn, choice: str, path: str, request: gr.Request | None, progress
         job, warnings = job_fn(model)
     except ValueError as e:  # ImageError is a ValueError
         raise gr.Error(_message(e), title="Check the inputs") from e
-    for w in warnings:
+    for w in warnings + S.job_warnings(job, model):
         gr.Warning(w)
     estimate = CACHE.seconds_per_image_step(model) * job.image_steps(model)
     if estimate > LONG_RUN_S:
@@ -199,9 +213,12 @@ def _stop_key(request: gr.Request | None, task: str) -> str | None:
 
 def canceller(task: str):
     """A Cancel handler for one tab: stops this browser session's sampler of that tab (the queue
-    also drops the tab's pending runs, through the event's `cancels`)."""
+    also drops the tab's pending runs, through the event's `cancels`) and says so in the tab's result
+    box: the cancelled run itself can no longer update the page."""
     def cancel(request: gr.Request):
-        STOPS.cancel(_stop_key(request, task))
+        if STOPS.cancel(_stop_key(request, task)):
+            return "**Cancelled.** The run was stopped; nothing from it was saved."
+        return gr.skip()  # nothing was running: keep the last result's summary
     return cancel
 
 
@@ -213,7 +230,8 @@ def advanced(prefix: str, samples: int, stop_at: int = 0, samples_label: str = "
         with gr.Row():
             steps = gr.Dropdown(STEP_CHOICES, value="250", allow_custom_value=True, label="Steps",
                                 info="Respaced sampling steps (250 = paper quality; 25-50 = fast preview; "
-                                     "'ddim50' uses DDIM, which tends to blur with ILVR)", elem_id=f"{prefix}-steps")
+                                     "'ddim50' = 50 steps spaced as in DDIM's paper, for the DDIM sampler below)",
+                                elem_id=f"{prefix}-steps")
             stop = gr.Slider(0, 1000, value=stop_at, step=10, label="Stop step",
                              info=stop_info or "Condition on the reference only from step 1000 down to this "
                                                "step; later steps run free (0 = every step)",
@@ -230,6 +248,14 @@ def advanced(prefix: str, samples: int, stop_at: int = 0, samples_label: str = "
     return [count, steps, stop, kernel, sampler, seed]  # the order of the run_* parameters
 
 
+def debounce_js(button_id: str, ms: int = 1500) -> str:
+    """Browser-side: disable the run button for a moment after a click. Gradio's trigger_mode="once"
+    misses a fast double click, which queued the same run twice (twice the wait on a CPU Space). The
+    inputs pass through unchanged, and the button comes back even if the run fails or is cancelled."""
+    return (f"(...args) => {{ const b = document.getElementById('{button_id}'); "
+            f"if (b) {{ b.disabled = true; setTimeout(() => {{ b.disabled = false; }}, {ms}); }} return args; }}")
+
+
 def run_buttons(prefix: str, label: str):
     """The run and cancel buttons under a tab's settings (#PREFIX-run, #PREFIX-cancel)."""
     with gr.Row():
@@ -241,12 +267,13 @@ def run_buttons(prefix: str, label: str):
 def outputs(prefix: str, label: str):
     """Result area: status (progress, then seeds and settings), the labelled grid (live preview of the
     predicted x0 while sampling), the samples, and the PNG files."""
-    info = gr.Markdown("Results, seeds and settings appear here.", elem_id=f"{prefix}-info", container=True,
-                       padding=True, min_height=56)
-    grid = gr.Image(label=f"{label} (live preview of the predicted x₀ while sampling)", type="pil", format="png",
-                    interactive=False, elem_classes="ilvr-grid", height=420, elem_id=f"{prefix}-grid")
-    gallery = gr.Gallery(label="Samples (PNG with settings embedded)", columns=8, fit_columns=False, height=230,
-                         format="png", elem_classes="ilvr-grid", object_fit="contain", elem_id=f"{prefix}-gallery")
+    info = gr.Markdown(f"Results, seeds and settings appear here. {label}; while sampling, the grid previews "
+                       "the predicted x₀.", elem_id=f"{prefix}-info", container=True, padding=True, min_height=56)
+    # no labels drawn over the images: the grid has its own row labels, the gallery its captions
+    grid = gr.Image(label=label, show_label=False, type="pil", format="png", interactive=False, height=520,
+                    elem_id=f"{prefix}-grid")
+    gallery = gr.Gallery(label="Samples (PNG with settings embedded)", show_label=False, columns=6, height=260,
+                         format="png", elem_classes="ilvr-gallery", object_fit="contain", elem_id=f"{prefix}-gallery")
     files = gr.File(label="Download PNGs (seed and settings in each file's ilvr text chunk)",
                     file_count="multiple", interactive=False, height=140, elem_id=f"{prefix}-files")
     return [grid, gallery, files, info]
@@ -308,7 +335,7 @@ def build_demo() -> gr.Blocks:
                         gen_adv = advanced("gen", 3, samples_label="Samples per row")
                         gen_btn, gen_cancel = run_buttons("gen", "Generate grid")
                     with gr.Column(scale=3):
-                        gen_out = outputs("gen", "Grid: rows = N")
+                        gen_out = outputs("gen", "The grid has a row per N (or per stop step in a range sweep)")
                 gr.Examples([[example_path("noto_grinning_face.png")], [example_path("noto_fox.png")],
                              [example_path("twemoji_sun_with_face.png")]], inputs=[gen_image],
                             label="Examples (Noto Emoji, Apache-2.0; Twemoji, CC-BY-4.0)")
@@ -329,7 +356,7 @@ def build_demo() -> gr.Blocks:
                         tr_adv = advanced("tr", 4)
                         tr_btn, tr_cancel = run_buttons("tr", "Translate")
                     with gr.Column(scale=3):
-                        tr_out = outputs("tr", "Translations")
+                        tr_out = outputs("tr", "The grid shows the reference, then the translations")
                 gr.Examples([[example_path("twemoji_cat_face.png")], [example_path("twemoji_frog.png")],
                              [example_path("twemoji_sun_with_face.png")]], inputs=[tr_image],
                             label="Examples (Twemoji by Twitter, CC-BY-4.0)")
@@ -361,7 +388,7 @@ def build_demo() -> gr.Blocks:
                         paint_adv = advanced("paint", 4)
                         paint_btn, paint_cancel = run_buttons("paint", "Paint to image")
                     with gr.Column(scale=3):
-                        paint_out = outputs("paint", "Paint-to-image")
+                        paint_out = outputs("paint", "The grid shows the painting, then the images made from it")
                 gr.Examples([[example_path("paint_smiley.png")], [example_path("paint_heart.png")],
                              [example_path("paint_cat.png")]], inputs=[paint_image],
                             label="Examples (drawn by scripts/make_app_examples.py)")
@@ -392,7 +419,7 @@ def build_demo() -> gr.Blocks:
                                                     "step, then run free so strokes become realistic (paper: 200)")
                         sc_btn, sc_cancel = run_buttons("sc", "Apply scribbles")
                     with gr.Column(scale=3):
-                        sc_out = outputs("sc", "Scribble edit")
+                        sc_out = outputs("sc", "The grid shows the edited input (and mask), then the results")
                 gr.Examples([[scribble_example("scribble_sunglasses")], [scribble_example("scribble_green_apple")]],
                             inputs=[sc_editor], label="Examples (Noto Emoji, Apache-2.0, with drawn scribbles)")
 
@@ -405,36 +432,42 @@ def build_demo() -> gr.Blocks:
         model_in = [model_choice, model_path]
         n_outputs = [model_status, gen_factors, gen_range_n, tr_n, paint_n, sc_n]
         load_kw = dict(fn=load_model, inputs=model_in, outputs=n_outputs, concurrency_id="load",
-                       concurrency_limit=2, show_progress="minimal")
+                       concurrency_limit=2, show_progress="hidden")  # the status line says "Loading"
         load_btn.click(api_name="load_model", **load_kw)
         model_choice.change(api_visibility="private", **load_kw)
         model_path.submit(api_visibility="private", **load_kw)
+        model_path.blur(**{**load_kw, "fn": path_cleared}, api_visibility="private")
         demo.load(api_visibility="private", **load_kw)
 
         gen_mode.change(lambda m: (gr.update(visible=m == S.GENERATION_MODES[0]),
-                                   gr.update(visible=m != S.GENERATION_MODES[0])),
-                        gen_mode, [gen_factors, gen_range_row], queue=False, api_visibility="private")
+                                   gr.update(visible=m != S.GENERATION_MODES[0]),
+                                   gr.update(visible=m == S.GENERATION_MODES[0])),  # the sweep sets stops per row
+                        gen_mode, [gen_factors, gen_range_row, gen_adv[2]], queue=False, api_visibility="private")
         paint_image.change(lambda v: S.PAINT_SOURCES[0] if v else gr.skip(), paint_image, paint_source, queue=False,
                            api_visibility="private")
         paint_pad.input(lambda: S.PAINT_SOURCES[1], None, paint_source, queue=False, api_visibility="private")
 
         run_kw = dict(concurrency_id="sampling", show_progress="full")
         events = [
-            ("generation", gen_cancel, gen_btn.click(
+            ("generation", gen_cancel, gen_out[3], gen_btn.click(
                 run_generation, model_in + [gen_image, gen_mode, gen_factors, gen_range_n, gen_stops, *gen_adv],
-                gen_out, api_name="generate", show_progress_on=[gen_out[0]], **run_kw)),
-            ("translation", tr_cancel, tr_btn.click(
+                gen_out, api_name="generate", show_progress_on=[gen_out[0]],
+                js=debounce_js("gen-run"), **run_kw)),
+            ("translation", tr_cancel, tr_out[3], tr_btn.click(
                 run_translation, model_in + [tr_image, tr_n, *tr_adv],
-                tr_out, api_name="translate", show_progress_on=[tr_out[0]], **run_kw)),
-            ("paint", paint_cancel, paint_btn.click(
+                tr_out, api_name="translate", show_progress_on=[tr_out[0]],
+                js=debounce_js("tr-run"), **run_kw)),
+            ("paint", paint_cancel, paint_out[3], paint_btn.click(
                 run_paint, model_in + [paint_source, paint_image, paint_pad, paint_n, *paint_adv],
-                paint_out, api_name="paint", show_progress_on=[paint_out[0]], **run_kw)),
-            ("scribble", sc_cancel, sc_btn.click(
+                paint_out, api_name="paint", show_progress_on=[paint_out[0]],
+                js=debounce_js("paint-run"), **run_kw)),
+            ("scribble", sc_cancel, sc_out[3], sc_btn.click(
                 run_scribble, model_in + [sc_editor, sc_n, sc_keep, *sc_adv],
-                sc_out, api_name="scribble", show_progress_on=[sc_out[0]], **run_kw)),
+                sc_out, api_name="scribble", show_progress_on=[sc_out[0]],
+                js=debounce_js("sc-run"), **run_kw)),
         ]
-        for task, cancel_btn, event in events:
-            cancel_btn.click(canceller(task), None, None, cancels=[event], queue=False, api_visibility="private")
+        for task, cancel_btn, info, event in events:
+            cancel_btn.click(canceller(task), None, info, cancels=[event], queue=False, api_visibility="private")
     return demo
 
 

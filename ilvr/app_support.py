@@ -25,7 +25,7 @@ from PIL import Image
 
 from .filters import check_factor, check_kernel
 from .grid import labelled_rows
-from .images import ImageError, load_reference, open_image, save_png, square_resize, tensor_to_pil, to_rgb
+from .images import MAX_PIXELS, ImageError, load_reference, open_image, save_png, square_resize, tensor_to_pil, to_rgb
 from .loading import WEIGHT_SUFFIXES, ModelLoadError, assumed_settings, load_model
 from .model import DiffusionModel
 from .registry import BUNDLED, BY_NAME, DEFAULT_MODEL
@@ -301,7 +301,9 @@ def _to_pil(x: Any) -> Image.Image:
     try:
         img = Image.open(x)
         img.load()
-    except (OSError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"the image is larger than {MAX_PIXELS // 1_000_000} megapixels") from e
+    except OSError as e:
         raise ImageError(f"could not read the image ({type(e).__name__})") from e
     return img
 
@@ -429,6 +431,17 @@ def build_grid(job: Job, rows: Sequence[tuple[str, Sequence[Image.Image]]], imag
     all_rows += [(label, list(images)) for label, images in rows if images]
     cell = display_cell(image_size)
     return labelled_rows(all_rows, cell=cell)
+
+
+def job_warnings(job: Job, model: DiffusionModel) -> list[str]:
+    """Settings that are valid but probably not what the user meant."""
+    total = model.diffusion.num_train_timesteps
+    free = [row.label for row in job.rows if job.reference is not None and row.stop_at >= total]
+    if not free:
+        return []
+    which = "every row" if len(free) == len(job.rows) else "row " + ", ".join(free)
+    return [f"Stop step {total} conditions no step, so {which} ignores the reference (plain unconditional "
+            f"samples). Use a stop step below {total}, e.g. 0 to condition every step."]
 
 
 class StopFlags:
@@ -590,7 +603,7 @@ def save_result(result: JobResult, model: DiffusionModel, root: Path | None = No
         for img, settings in zip(images, row_settings):
             stem = f"{job.task}_N{row.n_factor}_stop{row.stop_at}_seed{settings['seed']}"
             path = save_png(img, folder / f"{stem}.png", settings)
-            caption = f"{row.label} · seed {settings['seed']}"
+            caption = f"seed {settings['seed']} · {row.label}"  # seed first: narrow thumbnails cut the end
             gallery.append((str(path), caption))
             files.append(str(path))
     grid = build_grid(job, [(row.label, images) for row, images in result.rows], model.image_size)

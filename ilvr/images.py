@@ -61,7 +61,9 @@ def open_image(source: str | os.PathLike | Image.Image) -> Image.Image:
             if img.size[0] * img.size[1] > MAX_PIXELS:
                 raise ImageError(f"{path.name} is {img.size[0]}x{img.size[1]}: larger than {MAX_PIXELS // 1_000_000} megapixels")
             img.load()
-        except (UnidentifiedImageError, Image.DecompressionBombError) as e:
+        except Image.DecompressionBombError as e:  # Pillow refuses to open it at all: far over our limit
+            raise ImageError(f"{path.name} is larger than {MAX_PIXELS // 1_000_000} megapixels") from e
+        except UnidentifiedImageError as e:
             raise ImageError(f"{path.name} is not an image Pillow can read ({e.__class__.__name__})") from e
         except OSError as e:
             raise ImageError(f"{path.name} could not be read as an image: {e}") from e

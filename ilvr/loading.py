@@ -60,14 +60,34 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
                 return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
         except (SafetensorError, OSError) as e:
             raise ModelLoadError(f"{path.name} is not a readable safetensors file: {e}") from e
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if not (magic.startswith(b"PK") or magic.startswith(b"\x80")):  # torch.save's zip archive, or a legacy pickle
+        raise ModelLoadError(f"{path.name} is not a PyTorch checkpoint (torch.save writes a zip archive or a pickle; "
+                             f"this file is neither{', it is empty' if not magic else ''})")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors come in many types; none should crash the caller
+        detail = _weights_only_detail(str(e))  # torch's full text advises weights_only=False: we never do that
+        if detail.startswith("Unsupported global"):
+            raise ModelLoadError(
+                f"{path.name} holds Python objects besides tensors (a full pickle: {detail}), which are refused "
+                "for safety: only plain state dicts of tensors load. Save `model.state_dict()` (or its EMA "
+                "weights) with torch.save, or as .safetensors.") from e
+        if detail:
+            raise ModelLoadError(f"{path.name} could not be loaded as a weights-only PyTorch checkpoint ({detail}): "
+                                 "the file may be damaged, or was not written by torch.save.") from e
         raise ModelLoadError(
             f"{path.name} could not be loaded as a weights-only PyTorch checkpoint ({type(e).__name__}: "
             f"{str(e).splitlines()[0][:200]}). Only plain state dicts are accepted; arbitrary pickles are refused "
             "for safety.") from e
     return _unwrap_state_dict(obj, path.name), {}
+
+
+def _weights_only_detail(message: str) -> str:
+    """What torch's weights-only unpickler objected to, without the advice around it."""
+    match = re.search(r"WeightsUnpickler error:\s*(.+?)(?: was not an allowed global|\n|$)", message, re.S)
+    return match.group(1).strip() if match else ""
 
 
 def _unwrap_state_dict(obj: Any, name: str) -> dict[str, torch.Tensor]:

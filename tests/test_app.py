@@ -234,6 +234,13 @@ def test_hub_failure_on_load_is_clear_and_fast_the_second_time(client):
     assert time.time() - start < 10
 
 
+def test_error_messages_keep_the_case_of_file_names(client, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a model")
+    with pytest.raises(AppError, match="notes.txt: expected a weights file"):  # not "Notes.txt": no such file
+        client.predict(MODEL, str(notes), api_name="/load_model")
+
+
 def test_server_keeps_serving_after_errors(client, server):
     assert server.alive()
     assert_result(translate(client, handle_file(EX / "twemoji_sun_with_face.png")), 1)

@@ -196,6 +196,15 @@ def test_job_builders_reject_bad_input(tiny_model):
         S.scribble_job(tiny_model, None, 2, True, 1, "4", 200, "cubic", "ddpm", 0)
 
 
+def test_stop_step_that_conditions_nothing_is_warned_about(tiny_model):
+    img = Image.new("RGB", (8, 8))
+    job = S.translation_job(tiny_model, img, 4, 1, "4", 1000, "cubic", "ddpm", 0)
+    assert "ignores the reference" in " ".join(S.job_warnings(job, tiny_model))
+    assert S.job_warnings(S.translation_job(tiny_model, img, 4, 1, "4", 990, "cubic", "ddpm", 0), tiny_model) == []
+    sweep = S.generation_job(tiny_model, img, S.GENERATION_MODES[1], "", 4, "0, 1000", 1, "4", 0, "cubic", "ddpm", 0)
+    assert "row 1000->1000 ignores" in " ".join(S.job_warnings(sweep, tiny_model))
+
+
 def test_scribble_job_without_strokes_warns(tiny_model):
     img = Image.new("RGB", (32, 32), (10, 120, 200))
     job, warnings = S.scribble_job(tiny_model, {"background": img, "layers": [], "composite": img}, 2, True, 1, "4",

@@ -215,6 +215,35 @@ def test_error_is_shown_and_app_keeps_working(page):
     run(page, "tr", 1)
 
 
+def test_double_click_runs_once_and_cancel_says_so(page, server):
+    outputs = server.workdir / "outputs"
+
+    def finished_runs() -> int:
+        return len(list(outputs.iterdir())) if outputs.exists() else 0
+
+    open_tab(page, "Domain translation")
+    page.locator("#tr-image input[type=file]").set_input_files(str(EX / "twemoji_frog.png"))
+    set_advanced(page, "tr", steps="10", samples=1)
+    before = finished_runs()
+    page.locator("#tr-run").click()
+    page.wait_for_timeout(120)  # a person's double click: the second click lands on a disabled button
+    page.locator("#tr-run").click(force=True, timeout=5_000)
+    sync_api.expect(page.locator("#tr-info")).to_contain_text("Done in", timeout=RUN_TIMEOUT_MS)
+    page.wait_for_timeout(3_000)  # a second, queued run would have started and finished by now
+    assert finished_runs() == before + 1
+    sync_api.expect(page.locator("#tr-run")).to_be_enabled()
+
+    open_tab(page, "N-factor generation")  # a fresh Advanced accordion (a second click would close this one)
+    page.locator("#gen-image input[type=file]").set_input_files(str(EX / "noto_fox.png"))
+    set_advanced(page, "gen", steps="1000", samples=4)
+    page.locator("#gen-run").click()
+    sync_api.expect(page.locator("#gen-info")).to_contain_text("1000 steps", timeout=60_000)  # running
+    page.locator("#gen-cancel").click()
+    sync_api.expect(page.locator("#gen-info")).to_contain_text("Cancelled", timeout=30_000)
+    shot(page, "6-cancelled")
+    assert finished_runs() == before + 1  # nothing saved from the cancelled run
+
+
 def test_artifacts_exist():
     if not shutil.which("true"):
         pytest.skip("no shell utilities")

@@ -74,6 +74,13 @@ def test_huge_image_is_refused(tmp_path, monkeypatch):
         load_reference(path, 32)
 
 
+def test_image_pillow_refuses_to_open_is_too_large_not_unreadable(tmp_path, monkeypatch):
+    path = _save(Image.new("RGB", (100, 100)), tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow raises DecompressionBombError at twice this
+    with pytest.raises(ImageError, match="bomb.png is larger than 64 megapixels"):
+        load_reference(path, 32)
+
+
 def test_png_carries_settings(tmp_path):
     import torch
     img = tensor_to_pil(torch.zeros(3, 8, 8))

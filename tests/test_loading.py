@@ -1,6 +1,7 @@
 """Loading: config inference from raw ADM state dicts, diffusers folders, our format, the Hub cache, errors."""
 from __future__ import annotations
 
+import argparse
 import json
 import pickle
 import shutil
@@ -273,8 +274,16 @@ def test_hub_offline_and_missing_give_clear_errors(tmp_path, monkeypatch):
 def test_bad_files_give_specific_errors(tmp_path):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(ModelLoadError, match="weights-only"):
+    with pytest.raises(ModelLoadError, match="junk.pt is not a PyTorch checkpoint"):
         load_model(junk, device="cpu")
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="neither, it is empty"):
+        load_model(empty, device="cpu")
+    garbled = tmp_path / "garbled.pt"
+    garbled.write_bytes(b"\x80\x04garbage")  # looks like a pickle, is not one
+    with pytest.raises(ModelLoadError, match="could not be loaded as a weights-only.*may be damaged"):
+        load_model(garbled, device="cpu")
 
     class Evil:
         def __reduce__(self):
@@ -282,8 +291,13 @@ def test_bad_files_give_specific_errors(tmp_path):
 
     evil = tmp_path / "evil.pt"
     evil.write_bytes(pickle.dumps({"x": Evil()}))
-    with pytest.raises(ModelLoadError, match="arbitrary pickles are refused"):
+    with pytest.raises(ModelLoadError, match="could not be loaded as a weights-only"):
         load_model(evil, device="cpu")
+    full = tmp_path / "full.pt"
+    torch.save({"weight": torch.zeros(1), "args": argparse.Namespace(lr=1)}, full)  # a training script's habit
+    with pytest.raises(ModelLoadError, match="Python objects besides tensors.*Namespace.*refused for safety") as no:
+        load_model(full, device="cpu")
+    assert "weights_only=False" not in str(no.value)  # never advise the unsafe load
 
     opt = tmp_path / "opt0.pt"
     torch.save({"state": {}, "param_groups": []}, opt)
