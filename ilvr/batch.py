@@ -135,6 +135,8 @@ def make_plan(ref_dir: Path, out: Path, num: int) -> Plan:
         raise ValueError("--out must not be the --ref-dir folder itself (outputs would become references)")
     removed = remove_stale_temp_files(out)
     refs = list_references(ref_dir, exclude=out)
+    if not refs:
+        raise ValueError(f"{ref_dir} holds no files to translate (hidden files and the --out folder are skipped)")
     bases = output_bases(refs)
     have = existing_files(out)
     pending, skipped, first_done = [], 0, None
@@ -237,7 +239,7 @@ def _agree(comm: Comm, error: BaseException | None) -> None:
 # ----------------------------------------------------------------------------- the run
 
 def _settings_differ(old: dict, new: dict) -> list[str]:
-    keys = ("N", "filter", "steps", "stop_at", "sampler", "image_size", "global_seed")
+    keys = ("model", "model_options", "N", "filter", "steps", "stop_at", "sampler", "image_size", "global_seed")
     return [f"{k}: {old.get(k)!r} on disk, {new.get(k)!r} now" for k in keys if old.get(k) != new.get(k)]
 
 

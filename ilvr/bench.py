@@ -523,6 +523,17 @@ def timed_steps(requested: int | None, device: torch.device, batch: int) -> int:
     return FULL_STEPS if device.type == "cuda" and batch == 1 else TIMED_STEPS
 
 
+def _batch_sizes(text: str) -> list[int]:
+    """An argparse type: comma-separated batch sizes, each at least 1."""
+    try:
+        sizes = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected batch sizes of at least 1, got {text!r}")
+    return sizes
+
+
 def add_arguments(p) -> None:
     p.add_argument("--models", default="auto",
                    help="comma list of 'bundled' (emoji64 or --model) and 'adm256' (the ILVR authors' FFHQ-P2 "
@@ -537,7 +548,8 @@ def add_arguments(p) -> None:
     p.add_argument("--full-steps", type=int, default=FULL_STEPS,
                    help=f"also time one real run of this many steps of our fast path at each batch size "
                         f"(0 = skip; default {FULL_STEPS})")
-    p.add_argument("--batch", default=None, help="comma list of batch sizes (default: 1 for bundled, 1,8 for adm256)")
+    p.add_argument("--batch", default=None, type=_batch_sizes,
+                   help="comma list of batch sizes (default: 1 for bundled, 1,8 for adm256)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per variant (default 3)")
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                    help="wall (default) or cpu: this process's CPU time (time.process_time), which on a shared "
@@ -602,7 +614,7 @@ def run(args, log: Callable[[str], None] = print) -> dict[str, Any]:
             model, note = random_model(unet_cfg, diffusion, device=device, name="adm256-ffhq-p2"), "random weights"
             label, batches = "256x256 ADM (FFHQ-P2 architecture)", [1, 8]
         if args.batch:
-            batches = [int(b) for b in str(args.batch).split(",") if b.strip()]
+            batches = args.batch
         n_factor = args.n_factor or scaled_factor("translation", model.image_size)
         clock = args.clock
         if clock == "cpu" and (device.type != "cpu" or torch.get_num_threads() != 1):

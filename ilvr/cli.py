@@ -4,7 +4,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 from tqdm import tqdm
@@ -37,6 +40,32 @@ _positive_int = _int_at_least(1)
 _non_negative_int = _int_at_least(0)
 
 
+def _positive_float(text: str) -> float:
+    """An argparse type: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text}")
+    return value
+
+
+def writable_folder(path: str | Path) -> Path:
+    """Create the output folder if needed and prove it takes files, before any loading or sampling:
+    otherwise a bad --out only fails after the whole run, with its work lost."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".ilvr-write-test-"):
+            pass
+    except FileExistsError:
+        raise ValueError(f"--out {out} is a file, not a folder") from None
+    except OSError as e:
+        raise ValueError(f"cannot write to --out {out}: {e.strerror or e}") from None
+    return out
+
+
 def _model_option(text: str) -> tuple[str, object]:
     """KEY=VALUE for load_model; VALUE is read as JSON when it can be (32, 1e-4, true), else as text."""
     key, sep, value = text.partition("=")
@@ -49,6 +78,13 @@ def _model_option(text: str) -> tuple[str, object]:
 
 
 PROCESS_FRAMES = 50
+
+
+def process_frames(total: int) -> set[int]:
+    """The step indices (1..total) whose predicted x0 go into a --save-process GIF: PROCESS_FRAMES of
+    them evenly spaced (every step for shorter runs), the last one included."""
+    count = min(total, PROCESS_FRAMES)
+    return {round(total * (i + 1) / count) for i in range(count)}
 
 
 MODEL_OPTION_HELP = ("a loading setting the weights file does not record, as KEY=VALUE (repeatable): "
@@ -90,8 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the UNet: faster steps on a GPU after a one-off compile per batch size "
                         "(about a minute; later runs reuse Inductor's on-disk cache and start in seconds); for many "
                         "samples. On CPU it replaces the default onnxruntime UNet, which was as fast or faster")
-    s.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
-                   help="with --compile: Inductor's mode; max-autotune-no-cudagraphs benchmarks kernel choices per "
+    s.add_argument("--compile-mode", default=None, choices=COMPILE_MODES,
+                   help="Inductor's mode (implies --compile; default: default); max-autotune-no-cudagraphs benchmarks kernel choices per "
                         "shape on a GPU (minutes more compile); reduce-overhead and max-autotune use their own CUDA "
                         "graphs instead of ours")
     s.add_argument("--mask", help="PNG whose white pixels mark where ILVR applies (scribble editing)")
@@ -122,10 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--attention-levels", default="3", help="comma-separated level indices with attention")
     t.add_argument("--grayscale", action="store_true", help="train a 1-channel model on the images' luma (MNIST-like data)")
     t.add_argument("--batch-size", type=_positive_int, default=16)
-    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--lr", type=_positive_float, default=1e-3)
     t.add_argument("--steps", type=_positive_int, default=100_000, help="stop after this many optimizer steps")
-    t.add_argument("--minutes", type=float, default=None, help="stop after this much training time")
-    t.add_argument("--save-every-minutes", type=float, default=5.0)
+    t.add_argument("--minutes", type=_positive_float, default=None,
+                   help="stop after this much training time in all (resumed runs count their earlier time)")
+    t.add_argument("--save-every-minutes", type=_positive_float, default=5.0)
     t.add_argument("--sample-every", type=_non_negative_int, default=500, help="write a sample grid every N steps (0 = never)")
     t.add_argument("--device", default="auto")
     t.add_argument("--cpu-bf16", action="store_true", help="bf16 autocast on CPU (only fast with AVX512-BF16/AMX)")
@@ -177,6 +214,7 @@ def cmd_convert(args) -> int:
     out = Path(args.out)
     if (out / "model.safetensors").exists() or (out / "config.json").exists():  # before a load or download
         raise ValueError(f"{out} already holds a model; pick a new --out")
+    writable_folder(out)
     model = load_model(args.model, device="cpu", cpu_backend="torch", **model_options(args))
     info = {"converted_from": str(args.model), "family": model.info.get("family"), **(
         {"options": model.info["options"]} if model.info.get("options") else {})}
@@ -193,15 +231,24 @@ def cmd_sample(args) -> int:
     from .sampler import check_unconditional, sample, settings_dict, validate_steps
 
     if args.mask and not args.ref:
-        raise SystemExit("error: --mask needs --ref")
+        raise ValueError("--mask needs --ref")
+    if args.keep_outside and not args.mask:
+        raise ValueError("--keep-outside needs --mask (it keeps the reference outside the mask)")
+    if args.unconditional and (args.ref or args.ref_dir):
+        raise ValueError("--unconditional samples without a reference: drop it, or drop --ref/--ref-dir")
     if not args.ref and not args.ref_dir and not args.unconditional:
-        raise SystemExit("error: give --ref IMAGE (repeatable), --ref-dir FOLDER or --unconditional")
+        raise ValueError("give --ref IMAGE (repeatable), --ref-dir FOLDER or --unconditional")
+    if args.compile_mode and not args.compile:
+        args.compile = True  # asking for a mode means asking for the compile
     if args.ref_dir:
         if args.save_process:
-            raise SystemExit("error: --save-process is for --ref and --unconditional runs, not --ref-dir")
+            raise ValueError("--save-process is for --ref and --unconditional runs, not --ref-dir")
+        if not os.environ.get("WORLD_SIZE"):  # under torchrun, rank 0 creates it (and reports for all ranks)
+            writable_folder(args.out)
         from .batch import run_folder
 
         return run_folder(args)
+    out = writable_folder(args.out)
     model = load_model(args.model, device=args.device, dtype=args.dtype, **model_options(args))
     if args.compile:
         model.compile(args.compile_mode)
@@ -213,7 +260,6 @@ def cmd_sample(args) -> int:
     if args.mask:
         mask = (load_reference(args.mask, model.image_size).mean(0) > 0).float()
     jobs = [(Path(r), load_reference(r, model.image_size, model.config.in_channels)) for r in args.ref] if args.ref else [(Path("unconditional"), None)]
-    out = Path(args.out)
     total = len(jobs) * args.num
     steps_per_sample = len(model.schedule.respace(args.steps).timestep_map)
     bar = tqdm(total=total * steps_per_sample, desc="sampling", unit="img-step")
@@ -230,8 +276,7 @@ def cmd_sample(args) -> int:
 
             def on_step(info, count=len(chunk), frames=frames):
                 bar.update(count)
-                every = max(1, info.total // PROCESS_FRAMES)
-                if args.save_process and (info.index % every == 0 or info.index == info.total):
+                if args.save_process and info.index in process_frames(info.total):
                     for j, guess in enumerate(info.pred_x0):
                         frames[j].append(tensor_to_pil(guess))
 
@@ -241,7 +286,10 @@ def cmd_sample(args) -> int:
                 k = start + j
                 settings = settings_dict(model, n_factor=None if ref is None else n, kernel=args.filter,
                                          steps=args.steps, stop_at=args.stop_at, sampler=args.sampler,
-                                         seed=chunk[j], reference=str(path) if ref is not None else None, index=k)
+                                         seed=chunk[j], reference=str(path) if ref is not None else None, index=k,
+                                         global_seed=args.seed)  # seed = derive_seed(global_seed, file name, index)
+                if mask is not None:
+                    settings.update(mask=str(args.mask), keep_outside=bool(args.keep_outside))
                 save_png(tensor_to_pil(img), out / f"{name}_{k}.png", settings)
                 if args.save_process:
                     save_animation(frames[j] + [tensor_to_pil(img)], out / f"{name}_{k}_process.gif")
@@ -257,7 +305,7 @@ def cmd_train(args) -> int:
         try:
             return tuple(int(v) for v in text.split(",") if v.strip())
         except ValueError:
-            raise SystemExit(f"error: {what} must be comma-separated whole numbers, got {text!r}") from None
+            raise ValueError(f"{what} must be comma-separated whole numbers, got {text!r}") from None
 
     cfg = TrainConfig(data=args.data, out=args.out, image_size=args.image_size, model_channels=args.channels,
                       channel_mult=ints(args.channel_mult, "--channel-mult"), num_res_blocks=args.res_blocks,
@@ -266,6 +314,7 @@ def cmd_train(args) -> int:
                       lr=args.lr, max_steps=args.steps, max_minutes=args.minutes,
                       save_every_minutes=args.save_every_minutes, sample_every=args.sample_every, device=args.device,
                       cpu_bf16=args.cpu_bf16, seed=args.seed)
+    writable_folder(args.out)
     path = train(cfg)
     print(f"wrote {path}")
     return 0
@@ -288,7 +337,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {"sample": cmd_sample, "info": cmd_info, "convert": cmd_convert, "train": cmd_train, "bench": cmd_bench}
         return commands[args.command](args)
-    except (ModelLoadError, ImageError, ValueError, FileNotFoundError) as e:
+    except (ModelLoadError, ImageError, ValueError, OSError) as e:
+        if isinstance(e, BrokenPipeError):  # `python -m ilvr info --json | head`: the reader left, not an error
+            sys.stdout = open(os.devnull, "w")  # so the interpreter's final flush does not fail again
+            return 0
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

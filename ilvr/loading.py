@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -390,23 +390,6 @@ def _weights_in_folder(folder: Path) -> Path:
     raise ModelLoadError(f"{folder} holds several weights files ({', '.join(p.name for p in candidates)}); pass one of them")
 
 
-def check_field_types(config: Any) -> None:
-    """Raise TypeError for a config field whose value is not of its declared kind (int, float, bool, str,
-    a tuple of numbers; None where allowed): a value from a hand-edited JSON file would otherwise only
-    fail deep inside sampling."""
-    for f in fields(config):
-        value, kind = getattr(config, f.name), str(f.type)
-        if value is None and "None" in kind:
-            continue
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        ok = {"int": isinstance(value, int) and not isinstance(value, bool), "float": number,
-              "bool": isinstance(value, bool), "str": isinstance(value, str),
-              "tuple": isinstance(value, tuple) and all(isinstance(v, (int, float)) for v in value)}.get(
-            kind.split("[")[0].split(" ")[0], True)
-        if not ok:
-            raise TypeError(f"{f.name} must be {kind}, got {value!r}")
-
-
 def build_from_files(weights: Path, config: dict[str, Any] | None = None,
                      scheduler: dict[str, Any] | None = None, **overrides) -> tuple[UNet, DiffusionConfig, dict]:
     """Identify the format, infer or read the config, and return a loaded UNet (fp32, CPU)."""
@@ -452,15 +435,13 @@ def build_from_files(weights: Path, config: dict[str, Any] | None = None,
                 f"{weights.name} matches no known layout: expected guided-diffusion/ADM keys (input_blocks.0.0.weight, "
                 f"time_embed.0.weight, out.2.weight, ...) or diffusers UNet2DModel keys (conv_in.weight, "
                 f"down_blocks.0.resnets.0.conv1.weight, ...); found {sample}, ...")
-        if image_size:
-            unet_cfg = replace(unet_cfg, image_size=int(image_size))  # re-checked: the levels must divide it
+        if image_size is not None:
+            unet_cfg = replace(unet_cfg, image_size=image_size)  # re-checked: the levels must divide it
         if (num_head_channels or num_heads) and family != "adm":
             raise ModelLoadError(f"{weights.name} records its attention heads ({family} format); num_head_channels and "
                                  "num_heads are only for guided-diffusion .pt files, which do not")
         if diffusion_overrides:
             diffusion = DiffusionConfig.from_dict({**diffusion.to_dict(), **diffusion_overrides})
-        check_field_types(unet_cfg)
-        check_field_types(diffusion)
     except ModelLoadError:
         raise
     except (TypeError, ValueError, KeyError, IndexError, ZeroDivisionError) as e:
@@ -589,12 +570,21 @@ def download_from_hub(repo_id: str, filename: str | None = None, revision: str |
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
+    """auto (CUDA when present), cpu, cuda or cuda:N; anything else is a clear error, not torch's."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("CUDA was asked for but torch sees no GPU; use device='cpu'")
-    return device
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ModelLoadError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise ModelLoadError(f"device {device!r} is not supported: use auto, cpu, cuda or cuda:N")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError("CUDA was asked for but torch sees no GPU; use device='cpu'")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ModelLoadError(f"{device} does not exist: torch sees {torch.cuda.device_count()} GPU(s)")
+    return resolved
 
 
 def assumed_settings(model: DiffusionModel) -> dict[str, Any]:

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config_checks import check_field_types, check_positive
+
 
 @dataclass
 class UNetConfig:
@@ -41,8 +43,14 @@ class UNetConfig:
     num_classes: int | None = None
 
     def __post_init__(self) -> None:
-        self.channel_mult = tuple(self.channel_mult)
-        self.attention_levels = tuple(sorted(self.attention_levels))
+        self.channel_mult = tuple(self.channel_mult) if isinstance(self.channel_mult, (list, tuple)) else self.channel_mult
+        if isinstance(self.attention_levels, (list, tuple)):
+            self.attention_levels = tuple(sorted(self.attention_levels))
+        check_field_types(self)
+        check_positive(self, "image_size", "in_channels", "out_channels", "model_channels", "channel_mult",
+                       "num_res_blocks", "num_heads", "norm_groups")
+        if self.num_head_channels != -1 and self.num_head_channels <= 0:
+            raise ValueError(f"num_head_channels must be above 0 (or -1: num_heads heads), got {self.num_head_channels}")
         if self.downsample_padding not in ("symmetric", "asymmetric"):
             raise ValueError(f"downsample_padding must be 'symmetric' or 'asymmetric', got {self.downsample_padding!r}")
         levels = len(self.channel_mult)

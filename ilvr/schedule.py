@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .config_checks import check_field_types, check_positive
+
 PREDICTIONS = ("epsilon", "sample", "v_prediction")
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
 
@@ -30,6 +32,8 @@ class DiffusionConfig:
     clip_sample: bool = True
 
     def __post_init__(self) -> None:
+        check_field_types(self)
+        check_positive(self, "num_train_timesteps")
         if self.prediction_type not in PREDICTIONS:
             raise ValueError(f"prediction_type must be one of {PREDICTIONS}, got {self.prediction_type!r}")
         if self.variance_type not in VARIANCES:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .images import ImageError, image_mode, open_image, square_resize
+from .loading import resolve_device
 from .network import UNet, UNetConfig, count_parameters
 from .schedule import DiffusionConfig, Schedule
 
@@ -93,6 +94,9 @@ def export_model(model: UNet, diffusion: DiffusionConfig, out_dir: str | os.Path
                for k, v in model.state_dict().items()}
     tmp = out / "model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"ilvr_config": json.dumps(config)})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600: others on a shared disk could not read the model
     os.replace(tmp, out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out / "model.safetensors"
@@ -115,14 +119,6 @@ def continue_from_export(out: Path, unet_cfg: UNetConfig, model: UNet, ema: UNet
     return int(info.get("steps", 0)), float(info.get("minutes", 0.0)) * 60
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but torch sees no CUDA GPU")
-    return torch.device(name)
-
-
 def _autocast(device: torch.device, enabled: bool, cpu_bf16: bool = False):
     if not enabled or (device.type == "cpu" and not cpu_bf16):
         return torch.autocast(device.type, enabled=False)
@@ -132,7 +128,7 @@ def _autocast(device: torch.device, enabled: bool, cpu_bf16: bool = False):
 
 
 def train(cfg: TrainConfig, log=print) -> Path:
-    device = pick_device(cfg.device)
+    device = resolve_device(cfg.device)
     out = Path(cfg.out)
     unet_cfg = UNetConfig(image_size=cfg.image_size, in_channels=cfg.channels, out_channels=cfg.channels,
                           model_channels=cfg.model_channels, channel_mult=cfg.channel_mult,

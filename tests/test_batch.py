@@ -224,6 +224,29 @@ def test_other_settings_in_the_output_folder_are_flagged(world, baseline, tmp_pa
     assert "other settings" in log and "N: 2 on disk, 4 now" in log
 
 
+def test_another_model_in_the_output_folder_is_flagged(world, baseline, tmp_path, capsys, monkeypatch):
+    out, other = tmp_path / "out", tmp_path / "other-model"
+    shutil.copytree(baseline, out)
+    shutil.copytree(world["model"], other)
+    for var in DIST_VARS:
+        monkeypatch.delenv(var, raising=False)
+    args = cli_args(world, out, 4)
+    args[args.index("--model") + 1] = str(other)
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "other settings (model: " in err and "other-model' now" in err, err
+
+
+def test_empty_reference_folder_is_an_error(world, tmp_path, capsys, monkeypatch):
+    for var in DIST_VARS:
+        monkeypatch.delenv(var, raising=False)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / ".DS_Store").write_bytes(b"")
+    assert main(["sample", "--model", str(world["model"]), "--ref-dir", str(tmp_path / "empty"),
+                 "--out", str(tmp_path / "out"), "--steps", "2"]) == 2
+    assert "holds no files to translate" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- planning
 
 @pytest.mark.parametrize("n", [0, 1, 7, 10, 23])

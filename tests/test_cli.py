@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ilvr.cli import main
+from ilvr.cli import PROCESS_FRAMES, derive_seed, main, process_frames
 from ilvr.images import read_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,6 +35,7 @@ def test_sample_writes_pngs_with_settings(tiny_checkpoint, ref_png, tmp_path):
     assert Image.open(files[0]).size == (32, 32)
     s = read_settings(files[0])
     assert s["N"] == 4 and s["steps"] == "5" and s["filter"] == "cubic" and s["reference"].endswith("ref.png")
+    assert s["global_seed"] == 1 and s["seed"] == derive_seed(1, "ref.png", 0)  # --seed 1 reproduces it
 
 
 def test_save_process_writes_an_animation_per_sample(tiny_checkpoint, ref_png, tmp_path):
@@ -48,8 +49,14 @@ def test_save_process_writes_an_animation_per_sample(tiny_checkpoint, ref_png, t
     assert gif.size == final.size == (32, 32)
     last = np.asarray(gif.convert("RGB"), np.float32)
     assert np.abs(last - np.asarray(final, np.float32)).mean() < 8  # the sample, up to GIF's 256 colours
-    with pytest.raises(SystemExit, match="not --ref-dir"):
-        main(["sample", "--model", str(tiny_checkpoint), "--ref-dir", str(tmp_path), "--save-process", "--out", str(out)])
+    assert main(["sample", "--model", str(tiny_checkpoint), "--ref-dir", str(tmp_path), "--save-process",
+                 "--out", str(out)]) == 2
+
+
+def test_process_animation_frames_are_evenly_spaced():
+    assert process_frames(10) == set(range(1, 11))
+    long = process_frames(120)
+    assert len(long) == PROCESS_FRAMES and max(long) == 120 and min(long) >= 1
 
 
 def test_references_with_the_same_name_do_not_overwrite_each_other(tiny_checkpoint, ref_png, tmp_path):
@@ -72,6 +79,8 @@ def test_sample_with_mask(tiny_checkpoint, ref_png, tmp_path):
     assert main(["sample", "--model", str(tiny_checkpoint), "--ref", str(ref_png), "--mask", str(mask_path),
                  "--keep-outside", "--steps", "5", "--num", "1", "--out", str(out)]) == 0
     assert len(list(out.glob("*.png"))) == 1
+    s = read_settings(out / "ref_0.png")
+    assert s["mask"] == str(mask_path) and s["keep_outside"] is True
 
 
 def test_info_prints_the_architecture(tiny_checkpoint, capsys):
@@ -152,5 +161,43 @@ def test_missing_reference_is_explained(tiny_checkpoint, tmp_path, capsys):
     assert main(["sample", "--model", str(tiny_checkpoint), "--ref", str(tmp_path / "nope.png"), "--steps", "5",
                  "--out", str(tmp_path / "o")]) == 2
     assert "not found" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="give --ref"):
-        main(["sample", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "o")])
+    assert main(["sample", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "o")]) == 2
+    assert "give --ref" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--unconditional"], "--unconditional samples without a reference"),
+    (["--keep-outside"], "--keep-outside needs --mask"),
+    (["--device", "foo"], "unknown device 'foo'"),
+    (["--device", "meta"], "device 'meta' is not supported"),
+    (["--model-option", "num_train_timesteps=0"], "num_train_timesteps must be a number above 0"),
+    (["--model-option", "image_size=0"], "image_size must be a number above 0"),
+    (["--model-option", "num_train_timesteps=-5"], "num_train_timesteps must be a number above 0"),
+])
+def test_misuse_is_a_one_line_error(tiny_checkpoint, ref_png, tmp_path, capsys, extra, message):
+    out = tmp_path / "o"
+    assert main(["sample", "--model", str(tiny_checkpoint), "--ref", str(ref_png), "--steps", "2",
+                 "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not list(out.glob("*.png"))
+
+
+def test_unusable_out_folder_fails_before_any_work(tiny_checkpoint, ref_png, tmp_path, capsys, monkeypatch):
+    import ilvr.loading
+    import ilvr.train
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("loaded or trained before checking --out")
+
+    monkeypatch.setattr(ilvr.loading, "load_model", must_not_run)
+    monkeypatch.setattr(ilvr.train, "train", must_not_run)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    for out, message in ((a_file, "is a file, not a folder"), (a_file / "sub", "cannot write to --out")):
+        assert main(["sample", "--model", str(tiny_checkpoint), "--ref", str(ref_png), "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+        assert main(["convert", str(tiny_checkpoint), "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+        assert main(["train", "--data", str(tmp_path), "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err

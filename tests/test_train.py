@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import torch
+import pytest
 from PIL import Image
 
 from ilvr.cli import main
@@ -21,6 +24,9 @@ def test_train_few_steps_then_resume(tmp_path, capsys):
     assert main(args) == 0
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["training"]["steps"] == 3 and cfg["unet"]["image_size"] == 16
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == 0o666 & ~umask  # not safetensors' 0600
     model = load_model(out, device="cpu")
     assert sample(model, None, seeds=[0], steps="3").shape == (1, 3, 16, 16)
     args[args.index("--steps") + 1] = "5"
@@ -50,3 +56,21 @@ def test_train_a_grayscale_model(tmp_path):
     assert model.config.in_channels == model.config.out_channels == 1
     assert sample(model, torch.zeros(1, 16, 16), seeds=[0], steps="3").shape == (1, 1, 16, 16)
     assert Image.open(out / "samples" / "step_0000002.png").mode == "RGB"
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--channel-mult", "1,0"], "channel_mult must be a non-empty list of numbers above 0"),
+    (["--channel-mult", ""], "channel_mult must be a non-empty list"),
+    (["--channels", "8", "--channel-mult", "1,-2"], "channel_mult must be"),
+])
+def test_unusable_architectures_are_refused_before_training(tmp_path, capsys, flags, message):
+    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "m"), *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--minutes", "--save-every-minutes", "--lr"])
+def test_times_and_rates_must_be_above_zero(tmp_path, capsys, flag):
+    for value in ("0", "-1", "nan"):
+        with pytest.raises(SystemExit):
+            main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "m"), flag, value])
+        assert "expected a number above 0" in capsys.readouterr().err
