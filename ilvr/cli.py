@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "preset scaled to the model, 8 for a 64 px model)")
     s.add_argument("--steps", default="250", help="respaced steps: 250, 100, 'ddim50', ... (default 250)")
     s.add_argument("--stop-at", type=_non_negative_int, default=0,
-                   help="condition only while t > this step on the 1000-step scale (0 = all steps; paper Fig. 5)")
+                   help="condition only while t > this step, on the model's training scale (1000 steps for "
+                        "nearly every model; 0 = all steps; paper Fig. 5)")
     s.add_argument("--filter", default="cubic", choices=list(KERNELS), help="resize-right kernel for phi_N")
     s.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"],
                    help="ddpm (default). ddim is faster per step but ILVR with DDIM tends to blur/noise")
@@ -256,6 +257,11 @@ def cmd_sample(args) -> int:
     validate_steps(model, args.steps)
     n = args.n_factor or scaled_factor("translation", model.image_size)
     check_factor(model.image_size, n)  # before any progress bar appears
+    total_steps = model.diffusion.num_train_timesteps
+    if args.stop_at > total_steps:
+        raise ValueError(f"--stop-at must be between 0 and {total_steps} (this model's training steps), got {args.stop_at}")
+    if args.stop_at == total_steps and (args.ref or args.mask):
+        print(f"warning: --stop-at {total_steps} conditions no step: the samples ignore the reference", file=sys.stderr)
     mask = None
     if args.mask:
         mask = (load_reference(args.mask, model.image_size).mean(0) > 0).float()

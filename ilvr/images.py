@@ -27,7 +27,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return Image.alpha_composite(white, rgba).convert("RGB")
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if arr.max() > 255 else 255.0
+        if img.mode != "I":  # a 16-bit file: a dark one stays dark
+            top = 65535.0
+        else:  # 32-bit integers: the file does not say its range; take the smallest usual one that holds it
+            top = next(t for t in (255.0, 65535.0, 2.0 ** 31 - 1) if arr.max() <= t)
         return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
     if img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)

@@ -127,7 +127,8 @@ class NoiseSource:
 def conditioned_steps(timestep_map: Sequence[int], stop_at: int) -> list[bool]:
     """For each respaced index i: is the transition from training step t = timestep_map[i] + 1 refined?
 
-    stop_at is on the 1000-step scale: refine while t > stop_at (0 = every step, 1000 = none).
+    stop_at is on the training scale (num_train_timesteps, 1000 for nearly every model): refine while
+    t > stop_at (0 = every step, num_train_timesteps = none).
     """
     return [int(t) + 1 > stop_at for t in timestep_map]
 

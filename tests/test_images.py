@@ -39,6 +39,12 @@ def test_any_mode_becomes_rgb(tmp_path, mode):
     assert x.shape == (3, 16, 16) and x.min() >= -1 and x.max() <= 1
 
 
+def test_a_dark_16_bit_image_stays_dark(tmp_path):
+    path = _save(Image.fromarray(np.full((16, 16), 200, np.uint16)), tmp_path / "dark16.png")  # 200 of 65535
+    assert Image.open(path).mode.startswith("I;16")
+    assert load_reference(path, 16).max() < -0.98  # not read as 200 of 255 (mid-grey)
+
+
 def test_transparency_is_composited_on_white(tmp_path):
     path = _save(Image.new("RGBA", (8, 8), (0, 0, 0, 0)), tmp_path / "t.png")
     assert load_reference(path, 8).min() == 1.0
