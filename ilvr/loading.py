@@ -405,6 +405,9 @@ def build_from_files(weights: Path, config: dict[str, Any] | None = None,
     if overrides:
         known = ["image_size", "num_head_channels", "num_heads", "attention_order", *DiffusionConfig.__dataclass_fields__]
         raise ModelLoadError(f"unknown load options {sorted(overrides)}; known: {', '.join(known)}")
+    if attention_order not in ("legacy", "new"):
+        raise ModelLoadError(f"attention_order must be 'legacy' or 'new' (ADM's use_new_attention_order), "
+                             f"got {attention_order!r}")
     if num_heads and num_head_channels:
         raise ModelLoadError("give num_heads (the same head count at every level) or num_head_channels (channels "
                              "per head), not both")

@@ -66,19 +66,21 @@ def find_images(folder: str | os.PathLike) -> list[Path]:
 
 def load_dataset(folder: str | os.PathLike, size: int, channels: int = 3) -> torch.Tensor:
     """Every readable image in the folder, as uint8 (N, channels, size, size); unreadable files are skipped."""
-    tensors, skipped = [], 0
+    tensors, skipped = [], []
     mode = image_mode(channels)
     for path in find_images(folder):
         try:
             img = square_resize(open_image(path), size).convert(mode)
-        except ImageError:
-            skipped += 1
+        except ImageError as e:
+            skipped.append(str(e))
             continue
         tensors.append(torch.from_numpy(np.array(img, dtype=np.uint8).reshape(size, size, channels)).permute(2, 0, 1))
     if not tensors:
         raise ValueError(f"no readable images in {folder}")
     if skipped:
-        print(f"skipped {skipped} unreadable files")
+        shown = skipped[:5]
+        print(f"skipped {len(skipped)} file(s) that could not be used: " + "; ".join(shown)
+              + (f"; ... and {len(skipped) - len(shown)} more" if len(skipped) > len(shown) else ""))
     return torch.stack(tensors)
 
 

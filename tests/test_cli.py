@@ -174,6 +174,7 @@ def test_missing_reference_is_explained(tiny_checkpoint, tmp_path, capsys):
     (["--model-option", "image_size=0"], "image_size must be a number above 0"),
     (["--model-option", "num_train_timesteps=-5"], "num_train_timesteps must be a number above 0"),
     (["--stop-at", "2000"], "--stop-at must be between 0 and 1000"),
+    (["--model-option", "attention_order=bogus"], "attention_order must be 'legacy' or 'new'"),
 ])
 def test_misuse_is_a_one_line_error(tiny_checkpoint, ref_png, tmp_path, capsys, extra, message):
     out = tmp_path / "o"

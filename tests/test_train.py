@@ -22,6 +22,7 @@ def test_train_few_steps_then_resume(tmp_path, capsys):
     args = ["train", "--data", str(tmp_path / "data"), "--out", str(out), *TINY_TRAIN_FLAGS, "--batch-size", "4",
             "--steps", "3", "--sample-every", "0"]
     assert main(args) == 0
+    assert "skipped 1 file(s) that could not be used: broken.png" in capsys.readouterr().out
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["training"]["steps"] == 3 and cfg["unet"]["image_size"] == 16
     umask = os.umask(0)
