@@ -81,6 +81,15 @@ def _message(e: Exception) -> str:
     return text[0].upper() + text[1:] if text.split(" ", 1)[0].isalpha() else text
 
 
+def check_upload(value) -> None:
+    """Report an unreadable upload (a truncated or mislabelled file) when it arrives, not at Run."""
+    if value:
+        try:
+            S.reference_image(value)
+        except ValueError as e:  # ImageError is a ValueError
+            gr.Warning(f"{_message(e)}. Upload a PNG, JPEG or WebP image.", title="Unreadable image")
+
+
 def _model(choice: str, path: str):
     try:
         return CACHE.get(S.model_source(choice, path))
@@ -445,6 +454,8 @@ def build_demo() -> gr.Blocks:
                         gen_mode, [gen_factors, gen_range_row, gen_adv[2]], queue=False, api_visibility="private")
         paint_image.change(lambda v: S.PAINT_SOURCES[0] if v else gr.skip(), paint_image, paint_source, queue=False,
                            api_visibility="private")
+        for upload in (gen_image, tr_image, paint_image):
+            upload.upload(check_upload, upload, None, api_visibility="private", show_progress="hidden")
         paint_pad.input(lambda: S.PAINT_SOURCES[1], None, paint_source, queue=False, api_visibility="private")
 
         run_kw = dict(concurrency_id="sampling", show_progress="full")

@@ -215,6 +215,14 @@ def test_error_is_shown_and_app_keeps_working(page):
     run(page, "tr", 1)
 
 
+def test_unreadable_upload_is_reported_on_upload(page, tmp_path):
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes((EX / "noto_fox.png").read_bytes()[:600])
+    page.locator("#gen-image input[type=file]").set_input_files(str(truncated))
+    sync_api.expect(page.get_by_text("truncated.png could not be read as an image", exact=False).first).to_be_visible(
+        timeout=30_000)
+
+
 def test_double_click_runs_once_and_cancel_says_so(page, server):
     outputs = server.workdir / "outputs"
 
