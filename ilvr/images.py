@@ -21,6 +21,8 @@ class ImageError(ValueError):
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """RGB whatever the mode: alpha is composited on white, 16-bit and CMYK are converted."""
+    if img.mode in ("La", "RGBa"):  # premultiplied alpha: Pillow converts it only to its straight form
+        return to_rgb(img.convert("LA" if img.mode == "La" else "RGBA"))
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -32,10 +34,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
         else:  # 32-bit integers: the file does not say its range; take the smallest usual one that holds it
             top = next(t for t in (255.0, 65535.0, 2.0 ** 31 - 1) if arr.max() <= t)
         return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
-    if img.mode == "F":
+    if img.mode == "F":  # float pixels: [0, 1] as most tools write them, else stretched to the range found
         arr = np.asarray(img, dtype=np.float64)
         lo, hi = float(arr.min()), float(arr.max())
-        arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+        if not (lo >= 0 and hi <= 1):
+            arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
         return Image.fromarray((arr * 255 + 0.5).astype(np.uint8)).convert("RGB")
     return img.convert("RGB")
 
@@ -54,8 +57,10 @@ def open_image(source: str | os.PathLike | Image.Image) -> Image.Image:
     if isinstance(source, Image.Image):
         img = source
     else:
-        path = Path(source)
+        path = Path(source).expanduser()
         if not path.exists():
+            if "://" in str(source):
+                raise ImageError(f"references are local files; download {source} first")
             raise ImageError(f"reference image not found: {path}")
         if path.is_dir():
             raise ImageError(f"expected an image file, got a folder: {path}")
@@ -79,14 +84,38 @@ def open_image(source: str | os.PathLike | Image.Image) -> Image.Image:
 
 def load_reference(source: str | os.PathLike | Image.Image | np.ndarray, size: int, channels: int = 3) -> torch.Tensor:
     """A reference as a (channels, size, size) float tensor in [-1, 1]: RGB, or its luma for the
-    1-channel (grayscale) models some users train."""
+    1-channel (grayscale) models some users train (pass ``channels=model.config.in_channels``).
+
+    source: a file path, a PIL image, or a numpy array (H, W), (H, W, 1), (H, W, 3) or (H, W, 4):
+    uint8 0..255, uint16 0..65535, bool, or float in [0, 1] (the usual skimage/matplotlib range).
+    """
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"size must be a whole number of pixels above 0, got {size!r}")
     if isinstance(source, np.ndarray):
-        arr = source
-        if arr.dtype != np.uint8:
-            arr = np.clip(arr, 0, 255).astype(np.uint8)
-        source = Image.fromarray(arr)
+        source = array_to_pil(source)
     img = square_resize(open_image(source), size)
     return pil_to_tensor(img, channels)
+
+
+def array_to_pil(arr: np.ndarray) -> Image.Image:
+    """An image array in one of the usual layouts and ranges as a PIL image (see load_reference)."""
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))):
+        hint = " (channels first? use arr.transpose(1, 2, 0))" if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) else ""
+        raise ImageError(f"an image array must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {arr.shape}{hint}")
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8) * 255
+    elif arr.dtype == np.uint16:
+        arr = (arr.astype(np.float64) / 257.0 + 0.5).astype(np.uint8)
+    elif np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
+            raise ImageError(f"a float image array must hold values in [0, 1], got {np.nanmin(arr):.3g}.."
+                             f"{np.nanmax(arr):.3g} (for 0..255 values use arr.astype(np.uint8))")
+        arr = (arr * 255.0 + 0.5).astype(np.uint8)
+    elif arr.dtype != np.uint8:
+        raise ImageError(f"an image array must be uint8, uint16, bool or float in [0, 1], got {arr.dtype}")
+    return Image.fromarray(np.ascontiguousarray(arr))
 
 
 def image_mode(channels: int) -> str:
@@ -102,7 +131,13 @@ def pil_to_tensor(img: Image.Image, channels: int = 3) -> torch.Tensor:
 
 
 def tensor_to_pil(x: torch.Tensor) -> Image.Image:
-    """(3, H, W) or (1, H, W) in [-1, 1] to an 8-bit RGB or grayscale PIL image (rounded, clipped)."""
+    """(3, H, W) or (1, H, W) in [-1, 1] to an 8-bit RGB or grayscale PIL image (rounded, clipped).
+    A batch of one is taken as its image; for a batch, use ``to_pils`` or ``x[k]``."""
+    if x.dim() == 4 and x.shape[0] == 1:
+        x = x[0]
+    if x.dim() != 3 or x.shape[0] not in (1, 3):
+        raise ImageError(f"expected one image (C, H, W) with 1 or 3 channels, got shape {tuple(x.shape)}"
+                         + ("; for a batch use to_pils(x) or x[k]" if x.dim() == 4 else ""))
     mode = image_mode(x.shape[0])
     arr = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return Image.fromarray(arr[0].numpy() if mode == "L" else arr.permute(1, 2, 0).numpy(), mode)
@@ -112,9 +147,18 @@ def to_pils(batch: torch.Tensor) -> list[Image.Image]:
     return [tensor_to_pil(x) for x in batch]
 
 
+def _plain(value: Any) -> Any:
+    """JSON for the numpy and torch scalars a caller's settings may hold (a seed from np.arange, ...)."""
+    if hasattr(value, "item"):
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"settings value {value!r} ({type(value).__name__}) cannot be written as JSON")
+
+
 def png_info(settings: dict[str, Any]) -> PngImagePlugin.PngInfo:
     info = PngImagePlugin.PngInfo()
-    info.add_text(SETTINGS_KEY, json.dumps(settings, sort_keys=True))
+    info.add_text(SETTINGS_KEY, json.dumps(settings, sort_keys=True, default=_plain))
     return info
 
 

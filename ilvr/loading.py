@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -430,6 +431,11 @@ def build_from_files(weights: Path, config: dict[str, Any] | None = None,
                 raise ModelLoadError(f"{weights.name} holds diffusers UNet2DModel weights but no config.json was found beside it")
             unet_cfg = unet_config_from_diffusers(config)
             sd = diffusers_to_adm(sd, unet_cfg)
+            if scheduler is None:
+                warnings.warn(f"{weights.name}: no scheduler_config.json beside it (or in ../scheduler/): assuming "
+                              "diffusers' DDPMScheduler defaults (linear betas 1e-4..0.02 over 1000 steps, epsilon); "
+                              "a model trained otherwise needs --model-option, e.g. beta_schedule=cosine",
+                              stacklevel=2)
             diffusion = diffusion_from_scheduler(scheduler or {})
             family = "diffusers"
         else:
@@ -489,7 +495,8 @@ def load_local(path: Path, **overrides) -> tuple[UNet, DiffusionConfig, dict]:
         folder = path / "unet" if (path / "unet" / "config.json").is_file() and not (path / "config.json").is_file() else path
         config_path = folder / "config.json"
         config = _read_json(config_path) if config_path.is_file() else None
-        sched_path = _first_existing(path, ["scheduler_config.json", "scheduler/scheduler_config.json"])
+        sched_path = _first_existing(path, ["scheduler_config.json", "scheduler/scheduler_config.json",
+                                            "../scheduler/scheduler_config.json"])  # path is a pipeline's unet/
         scheduler = _read_json(sched_path) if sched_path else None
         return build_from_files(_weights_in_folder(folder), config, scheduler, **overrides)
     if path.suffix not in WEIGHT_SUFFIXES:
@@ -498,8 +505,8 @@ def load_local(path: Path, **overrides) -> tuple[UNet, DiffusionConfig, dict]:
     config = _read_json(config_path) if config_path.is_file() else None
     if config is not None and config.get("format") != "ilvr" and "_class_name" not in config and "block_out_channels" not in config:
         config = None  # an unrelated config.json beside a .pt
-    sched_path = path.parent / "scheduler_config.json"
-    return build_from_files(path, config, _read_json(sched_path) if sched_path.is_file() else None, **overrides)
+    sched_path = _first_existing(path.parent, ["scheduler_config.json", "../scheduler/scheduler_config.json"])
+    return build_from_files(path, config, _read_json(sched_path) if sched_path else None, **overrides)
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -623,6 +630,11 @@ def load_model(source: str | os.PathLike, device: str | torch.device | None = "a
     from .registry import BUNDLED, BY_NAME, MODELS
 
     dev = resolve_device(device)
+    resolve_dtype(dtype, dev)  # argument errors before any file is read or downloaded
+    try:
+        cpu_backend_choice(cpu_backend)
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from None
     name = str(source)
     if name in BY_NAME and not BY_NAME[name].bundled:  # a registry display name for a hub model
         entry = BY_NAME[name]
@@ -655,7 +667,9 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
     """A compute dtype from a name ('fp16', 'bfloat16', ...); None: float16 on CUDA, float32 elsewhere."""
     if dtype is None:
         return torch.float16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, str):
-        return {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-                "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}[dtype]
-    return dtype
+    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+             "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    resolved = names.get(dtype.strip().lower().removeprefix("torch.")) if isinstance(dtype, str) else dtype
+    if resolved not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ModelLoadError(f"dtype must be fp32, fp16 or bf16 (or torch.float32/float16/bfloat16), got {dtype!r}")
+    return resolved

@@ -112,6 +112,17 @@ class DiffusionModel:
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "source": self.source, "image_size": self.image_size,
-                "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+                "channels": self.config.in_channels, "device": str(self.device),
+                "dtype": str(self.dtype).replace("torch.", ""),
+                "runtime": "onnxruntime" if self.cpu_runtime is not None else "pytorch",
+                "format": self.info.get("family"), "options": self.info.get("options", {}),
                 "unet": self.unet.config.to_dict(), "diffusion": self.diffusion.to_dict()}
+
+    def __repr__(self) -> str:  # a summary; the module tree is ``model.unet``
+        params = sum(p.numel() for p in self.unet.parameters()) / 1e6
+        d = self.describe()
+        return (f"DiffusionModel({self.name!r}: {d['image_size']} px, {d['channels']} channel(s), {params:.1f} M "
+                f"parameters, {d['format'] or 'unknown'} format, {d['device']} {d['dtype']} on {d['runtime']}, "
+                f"{self.diffusion.num_train_timesteps} steps {self.diffusion.beta_schedule} "
+                f"{self.diffusion.prediction_type})")
 

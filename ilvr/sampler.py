@@ -16,6 +16,7 @@ so phi_N runs once per step. Where this differs from the official code (jychoi11
 from __future__ import annotations
 
 import math
+import operator
 import os
 import time
 from collections import deque
@@ -150,16 +151,25 @@ def sample(
 ) -> torch.Tensor:
     """Draw len(seeds) samples guided by `reference` (None = unconditional).
 
-    reference: (3, H, W) shared by all samples, or (B, 3, H, W) one per sample, in [-1, 1].
-    mask: (H, W), (1, H, W) or (B, 1, H, W) in [0, 1]; ILVR acts only where it is 1. With
-      keep_outside, the rest is pinned to the reference noised to each level (so it comes back
+    reference: (C, H, W) shared by all samples, or (B, C, H, W) one per sample, a float tensor in
+      [-1, 1] with C the model's channels (``ilvr.load_reference(path, size, channels)`` makes one).
+    seeds: one integer per sample (0 <= seed < 2**63); a seed gives the same image in any batch.
+    mask: (H, W), (1, H, W), (1, 1, H, W) or (B, 1, H, W) in [0, 1]; ILVR acts only where it is 1.
+      With keep_outside, the rest is pinned to the reference noised to each level (so it comes back
       unchanged at the end), for local edits such as scribbles.
-    Returns float32 samples (B, 3, H, W), not clipped, so callers can measure before quantising.
+    eta: DDIM's noise scale (0 = deterministic DDIM, 1 = DDPM-like), for sampler="ddim".
+    Returns float32 samples (B, C, H, W) on the model's device, not clipped, so callers can measure
+    before quantising; an ordinary tensor (not an inference-mode one), free to modify.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-    if not seeds:
-        raise ValueError("ask for at least one sample")
+    seeds = check_seeds(seeds)
+    if not 0 <= eta <= 1:
+        raise ValueError(f"eta must be between 0 and 1, got {eta}")
+    if keep_outside and mask is None:
+        raise ValueError("keep_outside needs a mask (it keeps the reference outside the mask)")
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress must be a function of one StepInfo, got {type(progress).__name__}")
     check_unconditional(model)
     device = model.device
     size = model.image_size
@@ -173,10 +183,16 @@ def sample(
 
     y = None
     if reference is not None:
+        n_factor = _whole(n_factor, "N")
         check_factor(size, n_factor)
-        y = reference.float()
+        y = _checked_tensor(reference, "reference", "a float tensor in [-1, 1] (ilvr.load_reference makes one)")
+        if y.min() < -1.001 or y.max() > 1.001:  # quantisation and resampling may overshoot a hair
+            raise ValueError(f"reference values must be in [-1, 1], got {y.min().item():.3g}..{y.max().item():.3g} "
+                             "(ilvr.load_reference maps an image to that range)")
         if y.dim() == 3:
             y = y[None]
+        if y.dim() != 4:
+            raise ValueError(f"reference must be (C, H, W) or (B, C, H, W), got {y.dim()} dimensions {tuple(y.shape)}")
         if y.shape[1:] != (channels, size, size):
             raise ValueError(f"reference must be {channels}x{size}x{size} for this model, got {tuple(y.shape[1:])}")
         if y.shape[0] not in (1, batch):
@@ -189,12 +205,21 @@ def sample(
     if mask is not None:
         if y is None:
             raise ValueError("a mask needs a reference")
-        with gpu_work(device):
-            mask = mask.float().to(device)
+        mask = _checked_tensor(mask, "mask", "a tensor in [0, 1] (1 where ILVR acts)")
+        if mask.min() < 0 or mask.max() > 1:
+            raise ValueError(f"mask values must be in [0, 1] (1 where ILVR acts), got "
+                             f"{mask.min().item():.3g}..{mask.max().item():.3g}; divide a 0..255 mask by 255")
+        if mask.dim() > 4:
+            raise ValueError(f"mask must be (H, W), (1, H, W) or (B, 1, H, W), got {tuple(mask.shape)}")
         while mask.dim() < 4:
             mask = mask[None]
         if mask.shape[-2:] != (size, size):
             raise ValueError(f"mask must be {size}x{size}, got {tuple(mask.shape[-2:])}")
+        if mask.shape[1] != 1 or mask.shape[0] not in (1, batch):
+            raise ValueError(f"mask must be (H, W), (1, H, W) or (B, 1, H, W) with B = {batch} samples, "
+                             f"got {tuple(mask.shape)}")
+        with gpu_work(device):
+            mask = mask.to(device)
     refine = conditioned_steps(schedule.timestep_map, int(stop_at))
 
     noise = NoiseSource([torch.Generator().manual_seed(int(s)) for s in seeds], (channels, size, size), device)
@@ -233,7 +258,42 @@ def sample(
                                       elapsed_s=time.time() - start))
     finally:
         noise.close()
-    return x
+    return x.clone()  # outside inference_mode: an ordinary tensor the caller may change in place or use with autograd
+
+
+def check_seeds(seeds: Sequence[int]) -> list[int]:
+    """The seeds as Python ints: any sequence of integers (numpy and torch ones too), each 0 <= s < 2**63."""
+    if isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__iter__"):
+        raise TypeError(f"seeds must be a list of integers, one per sample (e.g. [0, 1, 2]), got {seeds!r}")
+    out = [_whole(s, "seed") for s in seeds]
+    if not out:
+        raise ValueError("ask for at least one sample (seeds is empty)")
+    bad = [s for s in out if not 0 <= s < 2 ** 63]
+    if bad:
+        raise ValueError(f"seeds must be between 0 and 2**63 - 1, got {bad[0]}")
+    return out
+
+
+def _whole(value, what: str) -> int:
+    """An integer from an int, a numpy integer or a one-element integer tensor; not from a float or bool."""
+    if isinstance(value, bool) or isinstance(value, float):
+        raise TypeError(f"{what} must be a whole number, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{what} must be a whole number, got {value!r}") from None
+
+
+def _checked_tensor(value, what: str, expected: str) -> torch.Tensor:
+    """A finite float tensor, or a clear error for an image, an array or an integer tensor."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{what} must be {expected}, got {type(value).__name__}")
+    if not (value.is_floating_point() or value.dtype == torch.bool):
+        raise TypeError(f"{what} must be {expected}, got a {str(value.dtype).replace('torch.', '')} tensor")
+    value = value.float()
+    if not torch.isfinite(value).all():
+        raise ValueError(f"{what} holds NaN or infinite values")
+    return value
 
 
 def settings_dict(model: DiffusionModel, *, n_factor: int | None, kernel: str, steps: str | int, stop_at: int,

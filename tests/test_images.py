@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ilvr.images import ImageError, load_reference, read_settings, save_png, tensor_to_pil
@@ -103,3 +104,50 @@ def test_grayscale_references_and_outputs():
     assert out.mode == "L" and abs(out.getpixel((3, 3)) - img.convert("L").getpixel((3, 3))) <= 1
     with pytest.raises(ImageError, match="4"):
         load_reference(img, 8, channels=4)
+
+
+@pytest.mark.parametrize("array,mean", [
+    (np.full((8, 8, 3), 0.5), 0.0039),              # float in [0, 1], the skimage/matplotlib range
+    (np.full((8, 8), True), 1.0),                    # bool
+    (np.full((8, 8, 1), 255, np.uint8), 1.0),        # (H, W, 1)
+    (np.full((8, 8, 3), 65535, np.uint16), 1.0),     # 16-bit
+])
+def test_image_arrays_in_the_usual_layouts_and_ranges(array, mean):
+    assert abs(load_reference(array, 8).mean().item() - mean) < 1e-3
+
+
+@pytest.mark.parametrize("array,message", [
+    (np.zeros((3, 8, 8), np.uint8), "channels first"),
+    (np.full((8, 8, 3), 2.0), "float image array must hold values in"),
+    (np.zeros((8, 8, 3), np.int64), "must be uint8"),
+])
+def test_image_arrays_that_are_ambiguous_are_explained(array, message):
+    with pytest.raises(ImageError, match=message):
+        load_reference(array, 8)
+
+
+def test_tensor_to_pil_takes_one_image_and_explains_batches():
+    assert tensor_to_pil(torch.zeros(1, 3, 8, 8)).size == (8, 8)
+    with pytest.raises(ImageError, match="for a batch use to_pils"):
+        tensor_to_pil(torch.zeros(2, 3, 8, 8))
+
+
+def test_premultiplied_and_float_modes(tmp_path):
+    assert load_reference(Image.new("La", (8, 8)), 8).shape == (3, 8, 8)
+    white = Image.fromarray(np.ones((8, 8), np.float32), mode="F")  # float pixels in [0, 1]: white stays white
+    assert load_reference(white, 8).min().item() == 1.0
+
+
+def test_reference_paths_expand_home_and_urls_are_explained(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "red.png")
+    assert load_reference("~/red.png", 8)[0].mean().item() == 1.0
+    with pytest.raises(ImageError, match="references are local files"):
+        load_reference("https://example.com/a.png", 8)
+    with pytest.raises(ValueError, match="size must be"):
+        load_reference(tmp_path / "red.png", 0)
+
+
+def test_settings_with_numpy_values_are_written(tmp_path):
+    path = save_png(Image.new("RGB", (4, 4)), tmp_path / "x.png", {"seed": np.int64(3), "n": torch.tensor(2)})
+    assert read_settings(path) == {"seed": 3, "n": 2}

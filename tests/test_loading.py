@@ -126,6 +126,38 @@ def test_diffusers_folder_loads_and_matches(tmp_path, legacy, safetensors):
         assert (model.unet(x, t) - ref(x, t).sample).abs().max() <= 1e-4
 
 
+def test_a_pipelines_unet_folder_finds_its_scheduler(tmp_path):
+    folder, _ = _diffusers_folder(tmp_path)
+    pipeline = tmp_path / "pipeline"
+    (pipeline / "scheduler").mkdir(parents=True)
+    shutil.move(str(folder), str(pipeline / "unet"))
+    sched = json.loads((pipeline / "unet" / "scheduler_config.json").read_text())
+    (pipeline / "unet" / "scheduler_config.json").unlink()
+    (pipeline / "scheduler" / "scheduler_config.json").write_text(json.dumps({**sched, "beta_schedule": "squaredcos_cap_v2"}))
+    for source in (pipeline, pipeline / "unet", pipeline / "unet" / "diffusion_pytorch_model.safetensors"):
+        assert load_model(source, device="cpu", cpu_backend="torch").diffusion.beta_schedule == "cosine", source
+    (pipeline / "scheduler" / "scheduler_config.json").unlink()
+    with pytest.warns(UserWarning, match="no scheduler_config.json.*assuming"):
+        assert load_model(pipeline / "unet", device="cpu", cpu_backend="torch").diffusion.beta_schedule == "linear"
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(dtype="float64"), "dtype must be fp32, fp16 or bf16"),
+    (dict(dtype=torch.int8), "dtype must be fp32, fp16 or bf16"),
+    (dict(dtype=32), "dtype must be"),
+    (dict(cpu_backend="tensorrt"), "CPU backend must be one of"),
+])
+def test_bad_load_arguments_are_explained_before_reading_weights(kwargs, message):
+    with pytest.raises(ModelLoadError, match=message):
+        load_model("no/such-model-anywhere", device="cpu", **kwargs)  # fails on the argument, not the source
+
+
+def test_dtype_names_users_type(tiny_checkpoint):
+    for name in ("fp32", "float32", "torch.float32", "FP32"):
+        assert load_model(tiny_checkpoint, device="cpu", dtype=name).dtype == torch.float32
+    assert "32 px" in repr(load_model(tiny_checkpoint, device="cpu"))  # a summary, not the module tree
+
+
 # UNet2DModel configs as users write them (the diffusers "train an unconditional model" tutorial, small
 # models with fewer norm groups, resnet resampling), at tiny widths
 _TWO_LEVELS = dict(sample_size=16, block_out_channels=[32, 64], down_block_types=["DownBlock2D", "AttnDownBlock2D"],

@@ -4,7 +4,7 @@ import torch
 
 from ilvr import bench
 from ilvr.app_support import device_label
-from ilvr.loading import load_model
+from ilvr.loading import ModelLoadError, load_model
 from ilvr.network import UNetConfig
 from ilvr.onnx_cpu import BACKEND_ENV, OnnxUNet, cpu_backend
 from ilvr.sampler import sample
@@ -83,7 +83,7 @@ def test_environment_variable_keeps_pytorch(tiny_folder, monkeypatch):
     monkeypatch.setenv(BACKEND_ENV, "torch")
     assert load_model(tiny_folder, device="cpu").cpu_runtime is None
     monkeypatch.setenv(BACKEND_ENV, "bogus")
-    with pytest.raises(ValueError, match="CPU backend"):
+    with pytest.raises(ModelLoadError, match="CPU backend"):
         load_model(tiny_folder, device="cpu")
 
 

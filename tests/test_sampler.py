@@ -119,6 +119,44 @@ def test_bad_settings_are_explained(model, reference, kwargs, message):
         sample(model, reference, seeds=[0], **{"steps": "5", **kwargs})
 
 
+MASK = torch.zeros(32, 32)
+MASK[8:24, 8:24] = 1
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    (dict(mask=MASK.expand(5, 1, 32, 32)), ValueError, "B = 1 samples"),  # five masks for one seed
+    (dict(mask=MASK[None, None, None]), ValueError, "mask must be"),
+    (dict(mask=MASK * 255), ValueError, "divide a 0..255 mask by 255"),
+    (dict(mask=MASK * 2 - 1), ValueError, "mask values must be in"),
+    (dict(keep_outside=True), ValueError, "keep_outside needs a mask"),
+    (dict(reference=torch.full((3, 32, 32), 200, dtype=torch.uint8)), TypeError, "uint8 tensor"),
+    (dict(reference=torch.full((3, 32, 32), 200.0)), ValueError, "reference values must be in"),
+    (dict(reference=torch.full((3, 32, 32), float("nan"))), ValueError, "NaN"),
+    (dict(reference=torch.zeros(1, 1, 3, 32, 32)), ValueError, "got 5 dimensions"),
+    (dict(reference=MASK.numpy()), TypeError, "ilvr.load_reference"),
+    (dict(seeds=4), TypeError, "seeds must be a list of integers"),
+    (dict(seeds="12"), TypeError, "seeds must be a list"),
+    (dict(seeds=[0.2, 0.9]), TypeError, "seed must be a whole number"),
+    (dict(seeds=[-1]), ValueError, "between 0 and 2"),
+    (dict(seeds=[]), ValueError, "at least one sample"),
+    (dict(sampler="ddim", eta=-1.0), ValueError, "eta must be between 0 and 1"),
+    (dict(progress=5), TypeError, "progress must be a function"),
+])
+def test_api_misuse_is_explained_before_sampling(model, reference, kwargs, error, message):
+    args = {"reference": reference, "seeds": [0], "steps": "2", **kwargs}
+    with pytest.raises(error, match=message):
+        sample(model, args.pop("reference"), **args)
+
+
+def test_numpy_and_torch_integers_are_seeds_and_factors(model, reference):
+    import numpy as np
+    a = sample(model, reference, seeds=np.arange(2), n_factor=np.int64(4), steps="2")
+    b = sample(model, reference, seeds=[0, 1], n_factor=4, steps="2")
+    assert torch.equal(a, b)
+    a.clamp_(-1, 1)  # an ordinary tensor, not an inference-mode one
+    assert not a.is_inference()
+
+
 def test_wrong_reference_shape_is_explained(model):
     with pytest.raises(ValueError, match="reference must be 3x32x32"):
         sample(model, torch.zeros(3, 64, 64), seeds=[0], steps="5")
