@@ -185,9 +185,11 @@ def sample(
     if reference is not None:
         n_factor = _whole(n_factor, "N")
         check_factor(size, n_factor)
-        y = _checked_tensor(reference, "reference", "a float tensor in [-1, 1] (ilvr.load_reference makes one)")
-        if y.min() < -1.001 or y.max() > 1.001:  # quantisation and resampling may overshoot a hair
-            raise ValueError(f"reference values must be in [-1, 1], got {y.min().item():.3g}..{y.max().item():.3g} "
+        with gpu_work(device):  # the caller's tensor may already be on the GPU
+            y = _checked_tensor(reference, "reference", "a float tensor in [-1, 1] (ilvr.load_reference makes one)")
+            lo, hi = y.min().item(), y.max().item()
+        if lo < -1.001 or hi > 1.001:  # quantisation and resampling may overshoot a hair
+            raise ValueError(f"reference values must be in [-1, 1], got {lo:.3g}..{hi:.3g} "
                              "(ilvr.load_reference maps an image to that range)")
         if y.dim() == 3:
             y = y[None]
@@ -205,10 +207,12 @@ def sample(
     if mask is not None:
         if y is None:
             raise ValueError("a mask needs a reference")
-        mask = _checked_tensor(mask, "mask", "a tensor in [0, 1] (1 where ILVR acts)")
-        if mask.min() < 0 or mask.max() > 1:
-            raise ValueError(f"mask values must be in [0, 1] (1 where ILVR acts), got "
-                             f"{mask.min().item():.3g}..{mask.max().item():.3g}; divide a 0..255 mask by 255")
+        with gpu_work(device):
+            mask = _checked_tensor(mask, "mask", "a tensor in [0, 1] (1 where ILVR acts)")
+            lo, hi = mask.min().item(), mask.max().item()
+        if lo < 0 or hi > 1:
+            raise ValueError(f"mask values must be in [0, 1] (1 where ILVR acts), got {lo:.3g}..{hi:.3g}; "
+                             "divide a 0..255 mask by 255")
         if mask.dim() > 4:
             raise ValueError(f"mask must be (H, W), (1, H, W) or (B, 1, H, W), got {tuple(mask.shape)}")
         while mask.dim() < 4:
@@ -258,7 +262,8 @@ def sample(
                                       elapsed_s=time.time() - start))
     finally:
         noise.close()
-    return x.clone()  # outside inference_mode: an ordinary tensor the caller may change in place or use with autograd
+    with gpu_work(device):  # outside inference_mode: an ordinary tensor the caller may change or use with autograd
+        return x.clone()
 
 
 def check_seeds(seeds: Sequence[int]) -> list[int]:
@@ -291,7 +296,7 @@ def _checked_tensor(value, what: str, expected: str) -> torch.Tensor:
     if not (value.is_floating_point() or value.dtype == torch.bool):
         raise TypeError(f"{what} must be {expected}, got a {str(value.dtype).replace('torch.', '')} tensor")
     value = value.float()
-    if not torch.isfinite(value).all():
+    if not bool(torch.isfinite(value).all()):
         raise ValueError(f"{what} holds NaN or infinite values")
     return value
 
