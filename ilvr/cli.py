@@ -270,6 +270,7 @@ def cmd_sample(args) -> int:
     steps_per_sample = len(model.schedule.respace(args.steps).timestep_map)
     bar = tqdm(total=total * steps_per_sample, desc="sampling", unit="img-step")
     used: dict[str, int] = {}
+    replaced = 0  # outputs of an earlier run with the same names (--ref-dir skips those instead)
     for path, ref in jobs:
         key = path.name
         stem = path.stem.casefold()  # a/cat.png and b/Cat.jpg must not overwrite each other's outputs
@@ -296,11 +297,13 @@ def cmd_sample(args) -> int:
                                          global_seed=args.seed)  # seed = derive_seed(global_seed, file name, index)
                 if mask is not None:
                     settings.update(mask=str(args.mask), keep_outside=bool(args.keep_outside))
-                save_png(tensor_to_pil(img), out / f"{name}_{k}.png", settings)
+                target = out / f"{name}_{k}.png"
+                replaced += target.exists()
+                save_png(tensor_to_pil(img), target, settings)
                 if args.save_process:
                     save_animation(frames[j] + [tensor_to_pil(img)], out / f"{name}_{k}_process.gif")
     bar.close()
-    print(f"wrote {total} images to {out}")
+    print(f"wrote {total} images to {out}" + (f" ({replaced} replaced files of an earlier run)" if replaced else ""))
     return 0
 
 

@@ -26,7 +26,7 @@ def ref_png(tmp_path) -> Path:
     return path
 
 
-def test_sample_writes_pngs_with_settings(tiny_checkpoint, ref_png, tmp_path):
+def test_sample_writes_pngs_with_settings(tiny_checkpoint, ref_png, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["sample", "--model", str(tiny_checkpoint), "--ref", str(ref_png), "--N", "4", "--steps", "5",
                  "--num", "3", "--batch-size", "2", "--seed", "1", "--out", str(out)]) == 0
@@ -35,6 +35,10 @@ def test_sample_writes_pngs_with_settings(tiny_checkpoint, ref_png, tmp_path):
     assert Image.open(files[0]).size == (32, 32)
     s = read_settings(files[0])
     assert s["N"] == 4 and s["steps"] == "5" and s["filter"] == "cubic" and s["reference"].endswith("ref.png")
+    capsys.readouterr()
+    assert main(["sample", "--model", str(tiny_checkpoint), "--ref", str(ref_png), "--N", "4", "--steps", "2",
+                 "--num", "1", "--out", str(out)]) == 0
+    assert "(1 replaced files of an earlier run)" in capsys.readouterr().out
     assert s["global_seed"] == 1 and s["seed"] == derive_seed(1, "ref.png", 0)  # --seed 1 reproduces it
 
 
