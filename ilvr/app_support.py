@@ -28,6 +28,7 @@ from .grid import labelled_rows
 from .images import MAX_PIXELS, ImageError, load_reference, open_image, save_png, square_resize, tensor_to_pil, to_rgb
 from .loading import WEIGHT_SUFFIXES, ModelLoadError, assumed_settings, load_model
 from .model import DiffusionModel
+from .network import count_parameters
 from .registry import BUNDLED, BY_NAME, DEFAULT_MODEL
 from .sampler import SAMPLERS, Cancelled, StepInfo, check_unconditional, sample, settings_dict, validate_steps
 
@@ -640,7 +641,7 @@ def summary_markdown(result: JobResult, model: DiffusionModel) -> str:
 
 def model_markdown(model: DiffusionModel, presets: dict[str, int]) -> str:
     """Status line for the model picker."""
-    params = sum(p.numel() for p in model.unet.parameters()) / 1e6
+    params = count_parameters(model.unet) / 1e6
     p = presets
     text = (f"**Loaded** `{model.name}`: {model.image_size} px, {params:.1f} M parameters, "
             f"{model.info.get('family', '?')} format · **device: {device_label(model)}** · "

@@ -263,7 +263,7 @@ def _run(args, comm: Comm) -> int:
     from .images import ImageError, load_reference, read_settings, save_png, tensor_to_pil
     from .loading import load_model
     from .registry import scaled_factor
-    from .sampler import check_unconditional, sample, settings_dict, validate_steps
+    from .sampler import check_unconditional, sample, settings_dict, validate_steps, validate_stop_at
 
     if args.unconditional:
         raise ValueError("--unconditional cannot be combined with --ref-dir")
@@ -283,8 +283,7 @@ def _run(args, comm: Comm) -> int:
                 n = args.n_factor or scaled_factor("translation", model.image_size)
                 check_factor(model.image_size, n)
                 check_kernel(args.filter)
-                if not 0 <= args.stop_at <= model.diffusion.num_train_timesteps:
-                    raise ValueError(f"--stop-at must be between 0 and {model.diffusion.num_train_timesteps}")
+                validate_stop_at(model, args.stop_at, "--stop-at")
             except Exception as e:  # reported by this rank, re-raised below once every rank knows
                 error = e
         comm.barrier()

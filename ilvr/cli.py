@@ -229,7 +229,7 @@ def cmd_sample(args) -> int:
     from .loading import load_model
     from .filters import check_factor
     from .registry import scaled_factor
-    from .sampler import check_unconditional, sample, settings_dict, validate_steps
+    from .sampler import check_unconditional, sample, settings_dict, validate_steps, validate_stop_at
 
     if args.mask and not args.ref:
         raise ValueError("--mask needs --ref")
@@ -257,17 +257,16 @@ def cmd_sample(args) -> int:
     validate_steps(model, args.steps)
     n = args.n_factor or scaled_factor("translation", model.image_size)
     check_factor(model.image_size, n)  # before any progress bar appears
-    total_steps = model.diffusion.num_train_timesteps
-    if args.stop_at > total_steps:
-        raise ValueError(f"--stop-at must be between 0 and {total_steps} (this model's training steps), got {args.stop_at}")
-    if args.stop_at == total_steps and (args.ref or args.mask):
-        print(f"warning: --stop-at {total_steps} conditions no step: the samples ignore the reference", file=sys.stderr)
+    validate_stop_at(model, args.stop_at, "--stop-at")
+    if args.stop_at == model.diffusion.num_train_timesteps and args.ref:
+        print(f"warning: --stop-at {args.stop_at} conditions no step: the samples ignore the reference", file=sys.stderr)
     mask = None
     if args.mask:
         mask = (load_reference(args.mask, model.image_size).mean(0) > 0).float()
     jobs = [(Path(r), load_reference(r, model.image_size, model.config.in_channels)) for r in args.ref] if args.ref else [(Path("unconditional"), None)]
     total = len(jobs) * args.num
     steps_per_sample = len(model.schedule.respace(args.steps).timestep_map)
+    kept_frames = process_frames(steps_per_sample) if args.save_process else set()
     bar = tqdm(total=total * steps_per_sample, desc="sampling", unit="img-step")
     used: dict[str, int] = {}
     replaced = 0  # outputs of an earlier run with the same names (--ref-dir skips those instead)
@@ -283,7 +282,7 @@ def cmd_sample(args) -> int:
 
             def on_step(info, count=len(chunk), frames=frames):
                 bar.update(count)
-                if args.save_process and info.index in process_frames(info.total):
+                if info.index in kept_frames:
                     for j, guess in enumerate(info.pred_x0):
                         frames[j].append(tensor_to_pil(guess))
 

@@ -629,10 +629,10 @@ def load_model(source: str | os.PathLike, device: str | torch.device | None = "a
     """
     from .registry import BUNDLED, BY_NAME, MODELS
 
-    dev = resolve_device(device)
-    resolve_dtype(dtype, dev)  # argument errors before any file is read or downloaded
+    dev = resolve_device(device)  # argument errors before any file is read or downloaded
+    dtype = resolve_dtype(dtype, dev)
     try:
-        cpu_backend_choice(cpu_backend)
+        backend = cpu_backend_choice(cpu_backend)
     except ValueError as e:
         raise ModelLoadError(str(e)) from None
     name = str(source)
@@ -654,10 +654,8 @@ def load_model(source: str | os.PathLike, device: str | torch.device | None = "a
         unet, diffusion, info = load_local(path, **overrides)
         info["repo_id"] = repo_id
         info["known"] = any(m.source == repo_id and m.filename == (filename or file_in_id or None) for m in MODELS)
-    dtype = resolve_dtype(dtype, dev)
     if dev.type == "cpu":
         keep_freed_heap()
-    backend = cpu_backend_choice(cpu_backend)  # checked before the slow part
     unet = inference_unet(unet, dev, dtype, dev.type == "cpu" if channels_last is None else channels_last)
     return DiffusionModel(unet=unet, diffusion=diffusion, name=name, device=dev, dtype=dtype, source=name,
                           info=info, cpu_runtime=cpu_runtime_for(unet, dev, dtype, backend))

@@ -8,7 +8,7 @@ from typing import Any, Callable
 import torch
 
 from .cuda_graphs import GraphedPredict
-from .network import UNet
+from .network import UNet, count_parameters
 from .onnx_cpu import cpu_runtime_for
 from .schedule import DiffusionConfig, Schedule
 
@@ -119,7 +119,7 @@ class DiffusionModel:
                 "unet": self.unet.config.to_dict(), "diffusion": self.diffusion.to_dict()}
 
     def __repr__(self) -> str:  # a summary; the module tree is ``model.unet``
-        params = sum(p.numel() for p in self.unet.parameters()) / 1e6
+        params = count_parameters(self.unet) / 1e6
         d = self.describe()
         return (f"DiffusionModel({self.name!r}: {d['image_size']} px, {d['channels']} channel(s), {params:.1f} M "
                 f"parameters, {d['format'] or 'unknown'} format, {d['device']} {d['dtype']} on {d['runtime']}, "

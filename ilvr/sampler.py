@@ -177,8 +177,7 @@ def sample(
     check_kernel(kernel)
     schedule = model.schedule.respace(steps)
     total = schedule.num_steps
-    if not 0 <= int(stop_at) <= model.diffusion.num_train_timesteps:
-        raise ValueError(f"stop step must be between 0 and {model.diffusion.num_train_timesteps}, got {stop_at}")
+    validate_stop_at(model, stop_at)
     batch = len(seeds)
 
     y = None
@@ -318,6 +317,14 @@ def check_unconditional(model: DiffusionModel) -> None:
         raise ValueError(f"{model.name} is a class-conditional model ({model.config.num_classes} classes): ILVR "
                          "samples unconditional models; use its unconditional variant (for guided-diffusion's "
                          "ImageNet 256 px: 256x256_diffusion_uncond.pt)")
+
+
+def validate_stop_at(model: DiffusionModel, stop_at: int, what: str = "stop step") -> int:
+    """The end of the conditioning range, on the model's training scale (0 .. num_train_timesteps)."""
+    total = model.diffusion.num_train_timesteps
+    if not 0 <= int(stop_at) <= total:
+        raise ValueError(f"{what} must be between 0 and {total}, got {stop_at}")
+    return int(stop_at)
 
 
 def validate_steps(model: DiffusionModel, steps: str | int) -> int:
