@@ -165,6 +165,8 @@ def png_info(settings: dict[str, Any]) -> PngImagePlugin.PngInfo:
 def save_png(img: Image.Image, path: str | os.PathLike, settings: dict[str, Any]) -> Path:
     """Write atomically (temp file, then rename) so a half-written PNG never looks finished."""
     path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"{path.name}: the settings are stored as PNG text, so the name must end in .png")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     img.save(tmp, format="PNG", pnginfo=png_info(settings))

@@ -94,6 +94,9 @@ def test_png_carries_settings(tmp_path):
     path = save_png(img, tmp_path / "out" / "a.png", {"N": 8, "seed": 3})
     assert read_settings(path) == {"N": 8, "seed": 3}
     assert not list((tmp_path / "out").glob(".*tmp"))
+    with pytest.raises(ValueError, match="must end in .png"):
+        save_png(img, tmp_path / "out" / "a.jpg", {"N": 8})
+    assert not (tmp_path / "out" / "a.jpg").exists()
 
 
 def test_grayscale_references_and_outputs():
