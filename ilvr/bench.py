@@ -13,8 +13,8 @@ Three ways to draw samples, timed side by side in one run on the same weights, r
   ILVR, plain     ``plain_ilvr`` below, written the way the official implementation (jychoi118/ilvr_adm)
                   writes its loop: fp32 network, torch.no_grad, and per step
                   x = x' - up(down(x')) + up(down(y_noisy)), i.e. down+up run twice per step. The resizing is
-                  resize-right's ``resize`` (``ilvr.filters.resize_right_lowpass``), which derives its kernel
-                  weights on every call; the official repo uses the same author's earlier PyTorch-Resizer,
+                  resize-right's ``resize`` (``ilvr.filters.resize_right_lowpass``, on a mirror-padded
+                  copy: the official resizer mirrors borders), which derives its kernel weights on every call; the official repo uses the same author's earlier PyTorch-Resizer,
                   whose weights are built once, so the plain loop's phi_N time is an upper bound on the
                   official one. The table prints phi_N's own time per step so its share can be read off.
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from ilvr.filters import LowPass, resize_right_lowpass
+from ilvr.filters import LowPass
 from ilvr.model import DiffusionModel
 from ilvr.sampler import Cancelled, conditioned_steps, sample
 from ilvr.schedule import DiffusionConfig
@@ -96,14 +96,6 @@ def test_cancel_from_progress(model, reference):
             raise Cancelled("user pressed cancel")
     with pytest.raises(Cancelled):
         sample(model, reference, seeds=[0], steps="10", progress=stop)
-
-
-def test_matrix_filter_equals_resize_right():
-    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    for kernel in ("cubic", "lanczos2", "lanczos3", "linear", "box"):
-        for n in (2, 4, 8):
-            fast = LowPass(32, 32, n, kernel, dtype=torch.float64)(x)
-            assert (fast - resize_right_lowpass(x, n, kernel)).abs().max() < 1e-10
 
 
 @pytest.mark.parametrize("kwargs,message", [
