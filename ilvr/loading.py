@@ -42,8 +42,20 @@ class ModelLoadError(RuntimeError):
 
 
 def hub_cache_dir() -> Path:
-    """Where hub downloads go: $ILVR_CACHE, else checkpoints/hub inside the project."""
-    return Path(os.environ.get("ILVR_CACHE", CHECKPOINTS_DIR / "hub"))
+    """Where hub downloads go: $ILVR_CACHE; else huggingface_hub's own cache when HF_HUB_CACHE or HF_HOME
+    is set (a Space's persistent /data, a shared cache the user chose); else checkpoints/hub."""
+    if os.environ.get("ILVR_CACHE"):
+        return Path(os.environ["ILVR_CACHE"]).expanduser()
+    return _user_hf_cache() or CHECKPOINTS_DIR / "hub"
+
+
+def _user_hf_cache() -> Path | None:
+    """huggingface_hub's cache folder, when the environment names one."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return None
 
 
 # ----------------------------------------------------------------------------- reading weights
@@ -82,7 +94,19 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
             f"{path.name} could not be loaded as a weights-only PyTorch checkpoint ({type(e).__name__}: "
             f"{str(e).splitlines()[0][:200]}). Only plain state dicts are accepted; arbitrary pickles are refused "
             "for safety.") from e
-    return _unwrap_state_dict(obj, path.name), {}
+    return _unwrap_state_dict(obj, path.name), _train_state_metadata(obj)
+
+
+def _train_state_metadata(obj: Any) -> dict[str, str]:
+    """`ilvr train`'s resumable state records its architecture: read it like our safetensors' metadata,
+    so the state's EMA weights load with their real settings instead of a guessed ADM layout."""
+    if not (isinstance(obj, Mapping) and isinstance(obj.get("unet"), Mapping) and isinstance(obj.get("ema"), Mapping)
+            and "step" in obj):
+        return {}
+    diffusion = obj.get("diffusion") or DiffusionConfig(variance_type="fixed_small").to_dict()  # what train uses
+    config = {"format": "ilvr", "unet": dict(obj["unet"]), "diffusion": dict(diffusion),
+              "training": {"steps": int(obj["step"]), "source": "training state (EMA weights, fp32)"}}
+    return {"ilvr_config": json.dumps(config)}
 
 
 def _weights_only_detail(message: str) -> str:
@@ -482,6 +506,8 @@ def build_from_files(weights: Path, config: dict[str, Any] | None = None,
     info = {"family": family, "weights": str(weights)}
     if options:
         info["options"] = options
+    if family == "ilvr" and config.get("training"):
+        info["training"] = dict(config["training"])  # how many steps and images: `ilvr info` shows it
     return unet.eval(), diffusion, info
 
 
@@ -512,20 +538,33 @@ def load_local(path: Path, **overrides) -> tuple[UNet, DiffusionConfig, dict]:
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def _hub_resolves() -> bool:
-    """Can the Hub's host name be resolved? (no connection is made; offline mode counts as no)"""
+HUB_PROBE_TIMEOUT_S = 5.0
+
+
+def _hub_unreachable() -> str | None:
+    """Why the Hub cannot be used now (offline mode, no DNS, no answer in a few seconds), or None.
+
+    huggingface_hub retries a silent server for minutes (six 10 s timeouts per file, three files per
+    model) before it looks in the cache; behind a firewall that held the app's only run slot for 6.5
+    minutes. One quick request decides instead, and then the cache is used directly.
+    """
     import socket
     from urllib.parse import urlparse
 
-    from huggingface_hub import constants
+    from huggingface_hub import constants, get_session
 
     if constants.HF_HUB_OFFLINE:
-        return False
+        return "offline mode (HF_HUB_OFFLINE)"
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
     try:
-        socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname or "huggingface.co", 443)
-        return True
+        socket.getaddrinfo(host, 443)
     except OSError:
-        return False
+        return f"offline ({host} cannot be resolved)"
+    try:
+        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)
+    except Exception as e:  # httpx/requests raise their own timeout and connection errors
+        return f"{constants.ENDPOINT} did not answer within {HUB_PROBE_TIMEOUT_S:g} s ({type(e).__name__})"
+    return None
 
 
 def download_from_hub(repo_id: str, filename: str | None = None, revision: str | None = None,
@@ -536,11 +575,19 @@ def download_from_hub(repo_id: str, filename: str | None = None, revision: str |
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
     cache = str(cache_dir or hub_cache_dir())
-    # without DNS huggingface_hub retries for ~25 s before it looks in the cache: go straight there
-    local_only = not _hub_resolves()
+    unreachable = _hub_unreachable()
+    local_only = unreachable is not None
+    # a model already in huggingface_hub's usual cache (fetched by diffusers, say) is used from there
+    default_cache = _user_hf_cache() or Path("~/.cache/huggingface/hub").expanduser()
+    other_cache = str(default_cache) if local_only and default_cache.is_dir() and default_cache != Path(cache) else None
 
     def fetch(name: str) -> Path:
-        return Path(hf_hub_download(repo_id, name, revision=revision, cache_dir=cache, local_files_only=local_only))
+        try:
+            return Path(hf_hub_download(repo_id, name, revision=revision, cache_dir=cache, local_files_only=local_only))
+        except LocalEntryNotFoundError:
+            if other_cache is None:
+                raise
+            return Path(hf_hub_download(repo_id, name, revision=revision, cache_dir=other_cache, local_files_only=True))
 
     try:
         if filename:
@@ -570,8 +617,9 @@ def download_from_hub(repo_id: str, filename: str | None = None, revision: str |
     except RevisionNotFoundError as e:
         raise ModelLoadError(f"{repo_id} has no revision {revision!r}") from e
     except LocalEntryNotFoundError as e:
-        raise ModelLoadError(f"cannot download {repo_id}{':' + filename if filename else ''}: offline and not in the "
-                             f"cache ({cache}). Connect to the internet once, or use the bundled model.") from e
+        raise ModelLoadError(f"cannot download {repo_id}{':' + filename if filename else ''}: "
+                             f"{unreachable or 'offline'}, and it is not in the cache ({cache}). Connect to the "
+                             "internet once, or use the bundled model.") from e
     except EntryNotFoundError as e:
         raise ModelLoadError(f"{repo_id} has no file {filename or 'config.json'!r}; for a repo of raw "
                              "checkpoints pass the file name (e.g. deepinv/diffunet:diffusion_ffhq_10m.pt)") from e

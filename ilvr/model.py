@@ -116,7 +116,8 @@ class DiffusionModel:
                 "dtype": str(self.dtype).replace("torch.", ""),
                 "runtime": "onnxruntime" if self.cpu_runtime is not None else "pytorch",
                 "format": self.info.get("family"), "options": self.info.get("options", {}),
-                "unet": self.unet.config.to_dict(), "diffusion": self.diffusion.to_dict()}
+                "unet": self.unet.config.to_dict(), "diffusion": self.diffusion.to_dict(),
+                **({"training": self.info["training"]} if self.info.get("training") else {})}
 
     def __repr__(self) -> str:  # a summary; the module tree is ``model.unet``
         params = count_parameters(self.unet) / 1e6

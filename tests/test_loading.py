@@ -12,6 +12,7 @@ import torch
 
 from ilvr.loading import ModelLoadError, assumed_settings, infer_adm_config, load_model, unet_config_from_diffusers
 from ilvr.network import UNet, UNetConfig
+from ilvr.sampler import sample
 
 # the published ADM flag sets, scaled down in width (same structure)
 P2_SMALL = UNetConfig(image_size=256, out_channels=6, model_channels=32, channel_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=1,
@@ -297,7 +298,7 @@ def test_hub_raw_checkpoint_with_filename(tmp_path, monkeypatch):
 def test_hub_offline_and_missing_give_clear_errors(tmp_path, monkeypatch):
     import huggingface_hub.constants as hc
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
-    with pytest.raises(ModelLoadError, match="offline and not in the cache"):
+    with pytest.raises(ModelLoadError, match=r"offline mode \(HF_HUB_OFFLINE\), and it is not in the cache"):
         load_model("google/ddpm-ema-church-256", device="cpu", cache_dir=tmp_path / "empty")
     with pytest.raises(ModelLoadError, match="neither a local file"):
         load_model("no such model", device="cpu")
@@ -389,6 +390,79 @@ def test_no_dns_goes_straight_to_the_cache(tmp_path, monkeypatch):
     _fake_hub_cache(cache, "google/ddpm-ema-tiny-32", {p.name: p for p in folder.iterdir()})
     assert load_model("google/ddpm-ema-tiny-32", device="cpu", cache_dir=cache).image_size == 32
     start = time.time()
-    with pytest.raises(ModelLoadError, match="offline and not in the cache"):
+    with pytest.raises(ModelLoadError, match=r"offline \(huggingface.co cannot be resolved\), and it is not in"):
         load_model("google/ddpm-ema-church-256", device="cpu", cache_dir=cache)
     assert time.time() - start < 5
+
+
+def test_a_hub_that_does_not_answer_costs_seconds_not_minutes(tmp_path, monkeypatch):
+    """Behind a firewall that accepts connections and never replies, huggingface_hub alone retried
+    for about 6.5 minutes per model before giving up."""
+    import socket
+    import threading
+    import time
+
+    import huggingface_hub.constants as hc
+    import ilvr.loading as loading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    held = []
+    threading.Thread(target=lambda: held.extend(server.accept() for _ in range(8)), daemon=True).start()
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hc, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+    monkeypatch.setattr(loading, "HUB_PROBE_TIMEOUT_S", 1.0)
+    folder, _ = _diffusers_folder(tmp_path)
+    cache = tmp_path / "hub"
+    _fake_hub_cache(cache, "google/ddpm-ema-tiny-32", {p.name: p for p in folder.iterdir()})
+    start = time.time()
+    assert load_model("google/ddpm-ema-tiny-32", device="cpu", cache_dir=cache).image_size == 32
+    with pytest.raises(ModelLoadError, match=r"did not answer within 1 s .*, and it is not in the cache"):
+        load_model("google/ddpm-ema-church-256", device="cpu", cache_dir=cache)
+    assert time.time() - start < 15
+    server.close()
+
+
+def test_huggingface_cache_variables_are_honoured(tmp_path, monkeypatch):
+    """HF_HOME / HF_HUB_CACHE (a Space's persistent storage) hold the downloads unless ILVR_CACHE says
+    otherwise, and a model already there is found even when ILVR_CACHE points elsewhere."""
+    import huggingface_hub.constants as hc
+    from ilvr.loading import hub_cache_dir
+
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    monkeypatch.delenv("ILVR_CACHE", raising=False)
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert hub_cache_dir() == tmp_path / "hf" / "hub"
+    folder, _ = _diffusers_folder(tmp_path)
+    _fake_hub_cache(tmp_path / "hf" / "hub", "google/ddpm-ema-tiny-32", {p.name: p for p in folder.iterdir()})
+    assert load_model("google/ddpm-ema-tiny-32", device="cpu").image_size == 32
+    monkeypatch.setenv("ILVR_CACHE", str(tmp_path / "ours"))
+    assert hub_cache_dir() == tmp_path / "ours"
+    assert load_model("google/ddpm-ema-tiny-32", device="cpu").image_size == 32  # found in HF_HOME's cache
+    monkeypatch.delenv("HF_HOME")
+    monkeypatch.delenv("ILVR_CACHE")
+    assert hub_cache_dir().parts[-2:] == ("checkpoints", "hub")
+
+
+def test_a_training_state_loads_with_its_own_settings(tmp_path):
+    """train_state.ckpt.pt records its UNet config: it must not be read as a guessed ADM .pt (64-channel
+    heads, fixed_large variance), which sampled wrong images silently."""
+    from conftest import TINY_TRAIN_FLAGS, noise_images
+    from ilvr.cli import main as cli_main
+
+    data = noise_images(tmp_path / "data", [(16, 16)] * 4)
+    out = tmp_path / "model"
+    assert cli_main(["train", "--data", str(data), "--out", str(out), *TINY_TRAIN_FLAGS, "--batch-size", "2",
+                     "--steps", "2", "--sample-every", "0"]) == 0
+    exported = load_model(out / "model.safetensors", device="cpu")
+    (tmp_path / "alone").mkdir()  # without the config.json written beside it
+    shutil.copy(out / "train_state.ckpt.pt", tmp_path / "alone" / "train_state.ckpt.pt")
+    state = load_model(tmp_path / "alone" / "train_state.ckpt.pt", device="cpu")
+    assert state.config == exported.config and state.config.num_head_channels == 32
+    assert state.diffusion == exported.diffusion and state.diffusion.variance_type == "fixed_small"
+    a = sample(exported, None, seeds=[0], steps="5")
+    b = sample(state, None, seeds=[0], steps="5")
+    assert (a - b).abs().max() < 0.02  # the export is the same EMA weights in fp16
+    assert state.describe()["training"]["steps"] == 2 and exported.describe()["training"]["steps"] == 2
