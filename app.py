@@ -9,11 +9,55 @@ streamed previews, scribble masks, result files) in ilvr/app_support.py.
 """
 from __future__ import annotations
 
+import argparse
+import errno
 import os
+import socket
+import sys
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, read before gradio and torch are imported: --help and a busy --port answer
+    at once instead of after ~20 s of imports and UI building. Exits 2 on a busy or unusable port."""
+    parser = argparse.ArgumentParser(description="ILVR Studio: the Gradio app")
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                        help="interface to listen on (0.0.0.0 for all; default 127.0.0.1 or $GRADIO_SERVER_NAME)")
+    parser.add_argument("--port", type=int, default=None,
+                        help="port to listen on (default: $GRADIO_SERVER_PORT or 7860, else the next free one)")
+    parser.add_argument("--share", action="store_true", help="also open a temporary public gradio.live link")
+    parser.add_argument("--concurrency", type=int, default=None,
+                        help="sampling runs at once (default: 1 on CPU, 2 on a GPU)")
+    parser.add_argument("--max-queue", type=int, default=16, help="runs allowed to wait in the queue")
+    args = parser.parse_args(argv)
+    if args.port is not None:
+        problem = port_problem(args.host, args.port)
+        if problem:
+            print(problem, file=sys.stderr)
+            sys.exit(2)
+    return args
+
+
+def port_problem(host: str, port: int) -> str | None:
+    """Why host:port cannot be listened on (one line for the user), or None when it is free."""
+    host = host.strip("[]")
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Gradio does: TIME_WAIT is free
+            s.bind((host, port))
+    except OverflowError:
+        return f"port {port} is not a valid port number (0-65535)"
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            return f"port {port} is in use; pick another with --port"
+        return f"cannot listen on {host}:{port}: {e.strerror or e}"
+    return None
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
 
-import argparse  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import gradio as gr  # noqa: E402
@@ -39,6 +83,8 @@ HERE = Path(__file__).resolve().parent
 EXAMPLES = HERE / "examples"
 CACHE = S.ModelCache()
 STOPS = S.StopFlags()
+ALLOW_MODEL_PATHS = S.model_paths_allowed()  # ILVR_ALLOW_MODEL_PATHS; off on Spaces unless set to 1
+OUTPUTS, OUTPUTS_WARNING = S.resolve_output_root()  # checked once, at startup; None: nothing writable
 DEFAULT_SIZE = BY_NAME[DEFAULT_MODEL].image_size
 LONG_RUN_S = 15 * 60  # warn before runs estimated longer than this
 STEP_CHOICES = ["10", "25", "50", "100", "250", "500", "1000", "ddim50", "ddim100"]
@@ -52,6 +98,11 @@ CSS = """
 
 
 # ----------------------------------------------------------------------------- upload components
+def user_error(message: str, title: str) -> gr.Error:
+    """An expected mistake of the user's: shown in the page, not logged with a traceback."""
+    return gr.Error(message, title=title, print_exception=False)
+
+
 def friendly(component):
     """Make an image input turn unreadable uploads (not an image, corrupt, decompression bomb) into a
     clear gr.Error instead of a bare traceback. (Wrapping the instance, not subclassing: Gradio writes
@@ -64,11 +115,11 @@ def friendly(component):
         except gr.Error:
             raise
         except Image.DecompressionBombError as e:
-            raise gr.Error(f"The uploaded image is larger than {MAX_PIXELS // 1_000_000} megapixels. Shrink it "
-                           "first: it is resized to the model's resolution anyway.", title="Image too large") from e
+            raise user_error(f"The uploaded image is larger than {MAX_PIXELS // 1_000_000} megapixels. Shrink "
+                             "it first: it is resized to the model's resolution anyway.", "Image too large") from e
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-            raise gr.Error(f"The uploaded file is not an image this app can read ({type(e).__name__}). "
-                           "Use a PNG, JPEG or WebP.", title="Unreadable image") from e
+            raise user_error(f"The uploaded file is not an image this app can read ({type(e).__name__}). "
+                             "Use a PNG, JPEG or WebP.", "Unreadable image") from e
 
     component.preprocess = safe_preprocess
     return component
@@ -92,9 +143,9 @@ def check_upload(value) -> None:
 
 def _model(choice: str, path: str):
     try:
-        return CACHE.get(S.model_source(choice, path))
+        return CACHE.get(S.model_source(choice, path, ALLOW_MODEL_PATHS))
     except ModelLoadError as e:
-        raise gr.Error(_message(e), title="Model not loaded") from e
+        raise user_error(_message(e), "Model not loaded") from e
 
 
 def _presets(size: int) -> dict[str, int]:
@@ -107,16 +158,16 @@ def _factor_choices(size: int) -> list[int]:
 
 def load_model(choice: str, path: str):
     """Load (download on first use) the picked model; update the status and the N presets."""
-    source = S.model_source(choice, path)
-    if CACHE.cached(source) is None:
-        hub = source not in BUNDLED and not Path(source).expanduser().exists()
-        yield (f"Loading `{source}` …" + (" (first use downloads it from the Hugging Face Hub; "
-                                          "this can take a few minutes)" if hub else ""),) + (gr.skip(),) * 5
     try:
+        source = S.model_source(choice, path, ALLOW_MODEL_PATHS)
+        if CACHE.cached(source) is None:
+            hub = source not in BUNDLED and not Path(source).expanduser().exists()
+            yield (f"Loading `{source}` …" + (" (first use downloads it from the Hugging Face Hub; "
+                                              "this can take a few minutes)" if hub else ""),) + (gr.skip(),) * 5
         model = CACHE.get(source)
     except ModelLoadError as e:
         yield (f"**Not loaded:** {e}",) + (gr.skip(),) * 5
-        raise gr.Error(_message(e), title="Model not loaded") from e
+        raise user_error(_message(e), "Model not loaded") from e
     size = model.image_size
     p = _presets(size)
     choices = _factor_choices(size)
@@ -138,11 +189,14 @@ def path_cleared(choice: str, path: str):
 
 def _stream(job_fn, choice: str, path: str, request: gr.Request | None, progress: gr.Progress):
     """Shared body of the four sampling events: build the job, stream previews, save the results."""
+    if OUTPUTS is None:  # reported at startup too: refuse before sampling, not after it
+        raise user_error(f"This server cannot save result files: set {S.OUTPUTS_ENV} to a writable folder.",
+                         "Server misconfigured")  # its log says so once, at startup
     model = _model(choice, path)
     try:
         job, warnings = job_fn(model)
     except ValueError as e:  # ImageError is a ValueError
-        raise gr.Error(_message(e), title="Check the inputs") from e
+        raise user_error(_message(e), "Check the inputs") from e
     for w in warnings + S.job_warnings(job, model):
         gr.Warning(w)
     estimate = CACHE.seconds_per_image_step(model) * job.image_steps(model)
@@ -172,12 +226,16 @@ def _stream(job_fn, choice: str, path: str, request: gr.Request | None, progress
         yield gr.skip(), gr.skip(), gr.skip(), "Cancelled."
         return
     except ValueError as e:
-        raise gr.Error(_message(e), title="Check the inputs") from e
+        raise user_error(_message(e), "Check the inputs") from e
     finally:
         runner.close()
         STOPS.release(session, stop)
     CACHE.record_speed(model, result.elapsed_s, job.image_steps(model))
-    saved = S.save_result(result, model)
+    try:
+        saved = S.save_result(result, model, OUTPUTS)
+    except OSError as e:  # e.g. the disk filled up or the folder became read-only since startup
+        raise gr.Error(f"The results could not be saved in {OUTPUTS}: {e.strerror or e}.",
+                       title="Not saved") from e
     yield saved.grid, saved.gallery, saved.files, saved.summary
 
 
@@ -315,7 +373,8 @@ def build_demo() -> gr.Blocks:
             model_path = gr.Textbox("", label="…or a local checkpoint", scale=2, elem_id="model-path",
                                     placeholder="path to a .pt / .safetensors file or a diffusers folder",
                                     info="overrides the list when filled; the status line says what a "
-                                         "guided-diffusion .pt left to assume")
+                                         "guided-diffusion .pt left to assume",
+                                    visible=ALLOW_MODEL_PATHS)  # hidden (and refused) on public Spaces
             load_btn = gr.Button("Load model", scale=1, elem_id="load-model")
         model_status = gr.Markdown("Loading the bundled model …", elem_id="model-status")
 
@@ -482,24 +541,42 @@ def build_demo() -> gr.Blocks:
     return demo
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="ILVR Studio: the Gradio app")
-    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
-                        help="interface to listen on (0.0.0.0 for all; default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
-    parser.add_argument("--share", action="store_true", help="also open a temporary public gradio.live link")
-    parser.add_argument("--concurrency", type=int, default=None,
-                        help="sampling runs at once (default: 1 on CPU, 2 on a GPU)")
-    parser.add_argument("--max-queue", type=int, default=16, help="runs allowed to wait in the queue")
-    args = parser.parse_args(argv)
+def launch_options() -> dict:
+    """launch() arguments besides host and port. The results folder is allowed explicitly: Gradio
+    refuses to serve files outside the working and temp dirs (ILVR_APP_OUTPUTS=/data/outputs on a
+    Space). Everything else already in that folder is blocked, since allowed folders are served whole."""
+    allowed, blocked = [str(EXAMPLES)], []
+    if OUTPUTS is not None:
+        allowed.append(str(OUTPUTS))
+        blocked = [str(p) for p in S.foreign_entries(OUTPUTS)]
+        if blocked:
+            blocked += [p.strip() for p in os.environ.get("GRADIO_BLOCKED_PATHS", "").split(",") if p.strip()]
+    return dict(show_error=True, max_file_size="25mb", css=CSS, allowed_paths=allowed,
+                blocked_paths=blocked or None)
+
+
+def main(args: argparse.Namespace | None = None) -> None:
+    args = args if args is not None else parse_args()
+    if OUTPUTS_WARNING:
+        print(OUTPUTS_WARNING, file=sys.stderr)
+    if OUTPUTS is not None and (foreign := S.foreign_entries(OUTPUTS)):
+        print(f"ILVR Studio: {S.OUTPUTS_ENV}={OUTPUTS} also holds {', '.join(p.name for p in foreign[:5])}"
+              f"{' …' if len(foreign) > 5 else ''}. The app never deletes those and blocks them from download, but "
+              "Gradio serves anything added there later: give the app a folder of its own.", file=sys.stderr)
     demo = build_demo()
     import torch
 
     concurrency = args.concurrency or (2 if torch.cuda.is_available() else 1)
     demo.queue(default_concurrency_limit=concurrency, max_size=args.max_queue)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True,
-                max_file_size="25mb", css=CSS, allowed_paths=[str(EXAMPLES)])
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_options())
+    except OSError as e:  # the port was taken while the UI was being built, or no free one in Gradio's range
+        if "Cannot find empty port" not in str(e):
+            raise
+        print(f"port {args.port} is in use; pick another with --port" if args.port is not None
+              else "no free port from $GRADIO_SERVER_PORT (default 7860) on; pick one with --port", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

@@ -17,7 +17,7 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Generator, Sequence
+from typing import Any, Callable, Generator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -39,12 +39,32 @@ MAX_SEED = 2**31 - 1
 
 # ----------------------------------------------------------------------------- models
 
-def model_source(choice: str | None, local_path: str | None) -> str:
-    """The source to load: the local path when one is typed, else the picked registry name."""
+MODEL_PATHS_ENV = "ILVR_ALLOW_MODEL_PATHS"
+
+
+def model_paths_allowed(env: Mapping[str, str] = os.environ) -> bool:
+    """Whether visitors may load any local path or hub repo (``ILVR_ALLOW_MODEL_PATHS=1``/``0``).
+
+    Unset: yes locally, no on Hugging Face Spaces (``SYSTEM=spaces``), where a typed path lets any
+    visitor probe the server's files and a repo id makes it download anything.
+    """
+    value = env.get(MODEL_PATHS_ENV, "").strip().lower()
+    if value:
+        return value not in ("0", "false", "no", "off")
+    return env.get("SYSTEM") != "spaces"
+
+
+def model_source(choice: str | None, local_path: str | None, allow_paths: bool = True) -> str:
+    """The source to load: the local path when one is typed, else the picked registry name.
+
+    With ``allow_paths=False`` only the registry's models load, and the refusal says nothing about
+    whether the typed path exists.
+    """
     path = (local_path or "").strip().strip('"').strip("'")
-    if path:
-        return path
-    return (choice or DEFAULT_MODEL).strip()
+    source = path or (choice or DEFAULT_MODEL).strip()
+    if not allow_paths and (path or source not in BY_NAME):
+        raise ModelLoadError(f"this server only loads the models in the list ({MODEL_PATHS_ENV} is off)")
+    return source
 
 
 def _weights_stamp(source: str) -> int | None:
@@ -549,19 +569,69 @@ def run_job(model: DiffusionModel, job: Job, stop: threading.Event | None = None
 
 # ----------------------------------------------------------------------------- outputs
 
-def output_root() -> Path:
+OUTPUTS_ENV = "ILVR_APP_OUTPUTS"
+RUN_MARKER = ".ilvr-studio-run"  # written in every result folder: only those are ever pruned
+RUN_NAME = re.compile(r"\d{8}-\d{6}-[0-9a-f]{8}")  # the result folders' names (see save_result)
+
+
+def output_root(env: Mapping[str, str] = os.environ) -> Path:
     """Where result PNGs go: $ILVR_APP_OUTPUTS, else a folder in the system temp dir (served by Gradio)."""
-    return Path(os.environ.get("ILVR_APP_OUTPUTS") or Path(tempfile.gettempdir()) / "ilvr-studio")
+    return Path(env.get(OUTPUTS_ENV) or Path(tempfile.gettempdir()) / "ilvr-studio").expanduser().absolute()
+
+
+def writable_folder(folder: Path) -> bool:
+    """Whether folder exists (or can be made) and takes a new file."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".ilvr-write-check-"):
+            return True
+    except OSError:
+        return False
+
+
+def resolve_output_root(env: Mapping[str, str] = os.environ) -> tuple[Path | None, str | None]:
+    """The folder for result files, checked once at startup so that a read-only one is reported then,
+    not as ``[Errno 30]`` after a whole run. An unwritable folder falls back to a fresh temp folder.
+
+    Returns (folder, warning): folder is None when nothing is writable (runs must then be refused).
+    """
+    configured = output_root(env)
+    if writable_folder(configured):
+        return configured, None
+    where = (f"{OUTPUTS_ENV}={configured}" if env.get(OUTPUTS_ENV)
+             else f"{configured} (the system temp dir; set {OUTPUTS_ENV} or TMPDIR to a writable folder)")
+    try:
+        fallback = Path(tempfile.mkdtemp(prefix="ilvr-studio-"))
+    except OSError:  # also FileNotFoundError from gettempdir(): no writable temp dir at all
+        return None, (f"ILVR Studio: cannot write result files to {where}, nor to a temp folder: every run will "
+                      f"fail until {OUTPUTS_ENV} names a writable folder.")
+    return fallback, f"ILVR Studio: cannot write result files to {where}; using {fallback} instead."
+
+
+def is_run_folder(path: Path) -> bool:
+    """A result folder this app made: its name pattern and its marker file (never a symlink)."""
+    return (RUN_NAME.fullmatch(path.name) is not None and not path.is_symlink() and path.is_dir()
+            and (path / RUN_MARKER).is_file())
+
+
+def foreign_entries(root: Path) -> list[Path]:
+    """What else lives in the outputs folder: Gradio serves the whole folder, so these are blocked and
+    named in a warning (folders named like the app's count as the app's, marker or not)."""
+    try:
+        return sorted(p for p in root.iterdir() if not RUN_NAME.fullmatch(p.name))
+    except OSError:
+        return []
 
 
 def prune_outputs(root: Path, max_age_s: float = 6 * 3600) -> None:
-    """Delete result folders older than max_age_s so a long-running server does not fill the disk."""
+    """Delete this app's result folders older than max_age_s so a long-running server does not fill the
+    disk. Anything else in root (the folder may be shared, e.g. a Space's /data) is left alone."""
     if not root.is_dir():
         return
     cutoff = time.time() - max_age_s
     for d in root.iterdir():
         try:
-            if d.is_dir() and d.stat().st_mtime < cutoff:
+            if is_run_folder(d) and d.stat().st_mtime < cutoff:
                 shutil.rmtree(d, ignore_errors=True)
         except OSError:
             pass
@@ -597,7 +667,9 @@ def save_result(result: JobResult, model: DiffusionModel, root: Path | None = No
     """Write every sample as a PNG carrying its settings, plus the grid; return paths and a summary."""
     root = root or output_root()
     prune_outputs(root)
-    folder = root / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    folder = root / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"  # RUN_NAME
+    folder.mkdir(parents=True)
+    (folder / RUN_MARKER).write_text("Made by ILVR Studio (app.py); deleted with its folder after 6 hours.\n")
     job = result.job
     gallery, files = [], []
     for (row, images), row_settings in zip(result.rows, result.settings):

@@ -260,12 +260,117 @@ def test_cancel_stops_a_long_run(client):
     assert time.time() - start < 60
 
 
-def test_cli_has_share_port_host_flags():
+def _app_py(*args: str, timeout: float = 120):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "app.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run([sys.executable, "app.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_cli_has_share_port_host_flags():
+    out = _app_py("--help")
     assert out.returncode == 0
     for flag in ("--share", "--port", "--host"):
         assert flag in out.stdout
+    assert "port to listen on" in out.stdout
+
+
+def test_help_answers_before_gradio_is_imported():
+    import subprocess
+    import sys
+
+    code = ("import runpy, sys\nsys.argv = ['app.py', '--help']\n"
+            "try:\n    runpy.run_path('app.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "print('imported:', sorted({'gradio', 'torch'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert "imported: []" in out.stdout, out.stdout + out.stderr
+
+
+def test_busy_port_is_one_clear_line():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        out = _app_py("--host", "127.0.0.1", "--port", str(port))
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"port {port} is in use; pick another with --port"  # no traceback, no UI built
+
+
+# ----------------------------------------------------------------------------- a public deployment
+
+@pytest.fixture(scope="module")
+def public_server():
+    """The app as deployed on a public Space with persistent storage: results in a shared folder outside
+    the working and temp dirs (like /data), visitors' model paths off. One extra server start."""
+    import shutil
+    import tempfile
+
+    from app_server import AppServer
+
+    base = Path("/var/tmp")
+    if not (base.is_dir() and os.access(base, os.W_OK)) or base.resolve() == Path(tempfile.gettempdir()).resolve():
+        pytest.skip("needs a writable /var/tmp outside the system temp dir")
+    workdir = Path(tempfile.mkdtemp(prefix="ilvr-app-test-", dir=base))
+    shared = workdir / "outputs"  # AppServer points ILVR_APP_OUTPUTS here
+    (shared / "my_notes").mkdir(parents=True)
+    (shared / "my_notes" / "secret.txt").write_text("private")
+    old = time.time() - 7 * 3600
+    os.utime(shared / "my_notes", (old, old))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ILVR_ALLOW_MODEL_PATHS", "0")
+        srv = AppServer(workdir)
+    srv.shared = shared
+    yield srv
+    srv.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_results_outside_the_working_and_temp_dirs_are_served(public_server):
+    client = Client(public_server.url, verbose=False)
+    grid, gallery, files, info = translate(client, handle_file(EX / "twemoji_cat_face.png"))
+    assert "Done in" in info and len(files) == 2
+    runs = [d for d in public_server.shared.iterdir() if d.name != "my_notes"]
+    assert len(runs) == 1 and (runs[0] / ".ilvr-studio-run").is_file()
+    assert (public_server.shared / "my_notes" / "secret.txt").read_text() == "private"  # old, not the app's: kept
+    assert "also holds my_notes" in public_server.log()
+
+
+def test_other_files_in_the_results_folder_are_not_downloadable(public_server):
+    import urllib.error
+    import urllib.request
+
+    secret = public_server.shared / "my_notes" / "secret.txt"
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(f"{public_server.url}gradio_api/file={secret}")
+    assert err.value.code == 403
+
+
+def test_model_paths_switched_off(public_server):
+    import urllib.request
+
+    client = Client(public_server.url, verbose=False)
+    messages = []
+    for path in ("/root", "/etc/passwd", "/no/such/checkpoint.pt"):
+        with pytest.raises(AppError, match="only loads the models in the list") as err:
+            client.predict(MODEL, path, api_name="/load_model")
+        messages.append(str(err.value))
+    assert len(set(messages)) == 1  # nothing tells which paths exist
+    with pytest.raises(AppError, match="only loads the models in the list"):
+        translate(client, handle_file(EX / "twemoji_cat_face.png"), path="/root")
+    assert "64 px" in client.predict(MODEL, "", api_name="/load_model")[0]  # the list's models still load
+    with urllib.request.urlopen(public_server.url + "config") as r:
+        config = json.load(r)
+    box = next(c for c in config["components"] if c["props"].get("elem_id") == "model-path")
+    assert box["props"]["visible"] is False
+
+
+def test_user_errors_leave_no_traceback_in_the_log(public_server):
+    client = Client(public_server.url, verbose=False)
+    with pytest.raises(AppError, match="valid N"):
+        translate(client, handle_file(EX / "twemoji_cat_face.png"), n=7)
+    with pytest.raises(AppError, match="only loads the models in the list"):
+        client.predict(MODEL, "/root", api_name="/load_model")
+    assert "Traceback" not in public_server.log()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -59,6 +60,19 @@ def test_model_source():
     assert S.model_source("emoji64", "") == "emoji64"
     assert S.model_source("emoji64", "  '/tmp/x.pt' ") == "/tmp/x.pt"
     assert S.model_source(None, None) == "emoji64"
+
+
+def test_model_paths_can_be_switched_off_and_are_off_on_spaces():
+    assert S.model_paths_allowed({}) and S.model_paths_allowed({"ILVR_ALLOW_MODEL_PATHS": "1", "SYSTEM": "spaces"})
+    assert not S.model_paths_allowed({"SYSTEM": "spaces"})
+    for off in ("0", "false", "No", " off "):
+        assert not S.model_paths_allowed({"ILVR_ALLOW_MODEL_PATHS": off})
+    assert S.model_source("emoji64", "", allow_paths=False) == "emoji64"
+    assert S.model_source("cat-256 (Google DDPM, EMA)", None, allow_paths=False) == "cat-256 (Google DDPM, EMA)"
+    for choice, path in [("emoji64", "/root"), ("emoji64", "/etc/passwd"), ("emoji64", "/no/such.pt"),
+                         ("some-user/any-repo", "")]:  # the same answer whether the path exists or not
+        with pytest.raises(ModelLoadError, match=r"only loads the models in the list \(ILVR_ALLOW_MODEL_PATHS"):
+            S.model_source(choice, path, allow_paths=False)
 
 
 # ----------------------------------------------------------------------------- images and masks
@@ -173,6 +187,7 @@ def test_generation_job_runs_streams_and_saves(tiny_model, tmp_path):
     assert (first["N"], first["seed"], first["steps"], first["task"]) == (2, 3, "4", "generation")
     assert read_settings(saved.grid_path)["seeds"] == [3, 4]
     assert "seeds **3, 4**" in saved.summary
+    assert S.is_run_folder(saved.grid_path.parent)  # named and marked as the app's: prunable later
 
 
 def test_range_sweep_rows(tiny_model):
@@ -284,3 +299,69 @@ def test_status_line_says_what_a_guided_diffusion_file_left_to_assume(tmp_path, 
     assert "`beta_schedule=linear`" in S.model_markdown(adm, presets)
     assert "python -m ilvr convert" in S.model_markdown(adm, presets)
     assert "convert" not in S.model_markdown(tiny_model, presets)  # our format records everything
+
+
+# ----------------------------------------------------------------------------- the outputs folder
+
+def _age(path, hours: float) -> None:
+    old = time.time() - hours * 3600
+    os.utime(path, (old, old))
+
+
+def test_prune_deletes_only_the_apps_old_result_folders(tmp_path):
+    """The outputs folder may be shared (a Space's /data): only marked run folders are ever deleted."""
+    def run_folder(name: str, marked: bool = True):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "translation_grid.png").write_bytes(b"png")
+        if marked:
+            (d / S.RUN_MARKER).write_text("")
+        return d
+
+    old_run = run_folder("20240101-120000-0123abcd")
+    young_run = run_folder("20991231-235959-89abcdef")
+    unmarked = run_folder("20240101-120001-0123abce", marked=False)  # a user's folder that happens to match
+    notes = tmp_path / "my_notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me")
+    hf = tmp_path / ".huggingface"
+    (hf / "hub").mkdir(parents=True)
+    (hf / "token").write_text("hf_x")
+    loose = tmp_path / "20240101-120002-0123abcf"  # a file, not a folder
+    loose.write_text("x")
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / S.RUN_MARKER).write_text("")
+    link = tmp_path / "20240101-120003-0123abd0"
+    link.symlink_to(target, target_is_directory=True)
+    for p in (old_run, unmarked, notes, hf, loose, target):
+        _age(p, 7)
+    os.utime(link, (time.time() - 7 * 3600,) * 2, follow_symlinks=False)
+
+    S.prune_outputs(tmp_path)
+    assert not old_run.exists()
+    assert young_run.is_dir() and unmarked.is_dir() and loose.is_file() and link.is_symlink()
+    assert (notes / "todo.txt").read_text() == "keep me" and (hf / "token").is_file() and target.is_dir()
+    assert S.foreign_entries(tmp_path) == sorted([notes, hf, target])
+
+
+def test_unwritable_outputs_fall_back_to_a_temp_folder(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert S.resolve_output_root({"ILVR_APP_OUTPUTS": str(tmp_path / "ok")}) == (tmp_path / "ok", None)
+    assert (tmp_path / "ok").is_dir() and not list((tmp_path / "ok").iterdir())  # the write check cleans up
+    bad = blocker / "outputs"  # cannot be made (and works the same when the tests run as root)
+    folder, warning = S.resolve_output_root({"ILVR_APP_OUTPUTS": str(bad)})
+    assert folder is not None and folder != bad and S.writable_folder(folder)
+    assert f"ILVR_APP_OUTPUTS={bad}" in warning and str(folder) in warning
+    folder.rmdir()
+
+    def nowhere(*args, **kwargs):
+        raise PermissionError(30, "Read-only file system")
+
+    monkeypatch.setattr(S.tempfile, "mkdtemp", nowhere)
+    folder, warning = S.resolve_output_root({"ILVR_APP_OUTPUTS": str(bad)})
+    assert folder is None and "every run will fail until ILVR_APP_OUTPUTS names a writable folder" in warning
+    monkeypatch.setattr(S.tempfile, "gettempdir", lambda: str(bad))  # TMPDIR read-only, ILVR_APP_OUTPUTS unset
+    folder, warning = S.resolve_output_root({})
+    assert folder is None and "TMPDIR" in warning
