@@ -1,8 +1,10 @@
 """Folder translation: ``python -m ilvr sample --ref-dir DIR --out OUT``, on one process or many.
 
-Every file under DIR (recursively, sorted; hidden files and folders skipped) is a reference. Each
-reference makes ``--num`` samples, written as ``OUT/<its folder>/<stem>_<k>.png`` with the sampling
-settings in the PNG. A file Pillow cannot read is reported and skipped; the run goes on.
+Every image file under DIR (recursively, sorted; images by suffix, ``ilvr.images.IMAGE_SUFFIXES``;
+hidden files and folders skipped; other files counted and ignored) is a reference. Each reference
+makes ``--num`` samples, written as ``OUT/<its folder>/<stem>_<k>.png`` with the sampling settings in
+the PNG. A file Pillow cannot read is reported and skipped; the run goes on, and ends
+with exit status 1 so that scripts notice (0 when every output was made or already on disk).
 
 Scaling out: the same command under ``torchrun`` shards the work by rank over torch.distributed (gloo
 on CPU, nccl on CUDA with one GPU per process, cuda:LOCAL_RANK). The work units are the
@@ -32,8 +34,11 @@ from typing import Any, Sequence
 
 import torch
 
+from .images import IMAGE_SUFFIXES
+
 STOP_AFTER_ENV = "ILVR_STOP_AFTER"  # test hook, see the module docstring
 STOP_EXIT_CODE = 75
+FAILED_EXIT_CODE = 1  # some references could not be read; the summary lists them
 TIMEOUT_ENV = "ILVR_DIST_TIMEOUT"  # seconds a collective may wait for the slowest rank (default 2 h)
 DEFAULT_TIMEOUT_S = 7200
 TEMP_NAME = re.compile(r"^\..+\.png\.\d+\.tmp$")  # what ilvr.images.save_png writes before its rename
@@ -46,12 +51,17 @@ def _hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def list_references(root: str | os.PathLike, exclude: str | os.PathLike | None = None) -> list[str]:
+def is_image_name(name: str) -> bool:
+    return Path(name).suffix.lower() in IMAGE_SUFFIXES
+
+
+def list_files(root: str | os.PathLike, exclude: str | os.PathLike | None = None,
+               what: str = "reference folder") -> list[str]:
     """Relative POSIX paths of every non-hidden file under root, sorted; files under `exclude`
     (the output folder, when it lies inside root) are left out."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"reference folder not found: {root}")
+        raise FileNotFoundError(f"{what} not found: {root}")
     skip = Path(exclude).resolve() if exclude is not None else None
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
@@ -61,6 +71,11 @@ def list_references(root: str | os.PathLike, exclude: str | os.PathLike | None =
             if not _hidden(name) and (here / name).is_file():
                 found.append((here / name).relative_to(root).as_posix())
     return sorted(found)
+
+
+def list_references(root: str | os.PathLike, exclude: str | os.PathLike | None = None) -> list[str]:
+    """The image files among list_files (notes.txt or Thumbs.db are no references)."""
+    return [f for f in list_files(root, exclude) if is_image_name(f)]
 
 
 def output_bases(refs: Sequence[str]) -> list[str]:
@@ -128,15 +143,19 @@ class Plan:
     skipped: int  # outputs already on disk
     first_done: str | None  # one finished output, to compare its settings with this run's
     removed_temp: int
+    ignored: int = 0  # non-image files under the reference folder
 
 
 def make_plan(ref_dir: Path, out: Path, num: int) -> Plan:
     if ref_dir.is_dir() and out.resolve() == ref_dir.resolve():
         raise ValueError("--out must not be the --ref-dir folder itself (outputs would become references)")
     removed = remove_stale_temp_files(out)
-    refs = list_references(ref_dir, exclude=out)
+    files = list_files(ref_dir, exclude=out)
+    refs = [f for f in files if is_image_name(f)]
     if not refs:
-        raise ValueError(f"{ref_dir} holds no files to translate (hidden files and the --out folder are skipped)")
+        others = f"; ignored {_count(len(files), 'non-image file')}" if files else ""
+        raise ValueError(f"{ref_dir} holds no images to translate (images are {', '.join(sorted(IMAGE_SUFFIXES))}; "
+                         f"hidden files and the --out folder are skipped{others})")
     bases = output_bases(refs)
     have = existing_files(out)
     pending, skipped, first_done = [], 0, None
@@ -148,7 +167,11 @@ def make_plan(ref_dir: Path, out: Path, num: int) -> Plan:
                 first_done = first_done or name
             else:
                 pending.append((i, k))
-    return Plan(refs, bases, pending, skipped, first_done, removed)
+    return Plan(refs, bases, pending, skipped, first_done, removed, len(files) - len(refs))
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 # ----------------------------------------------------------------------------- processes
@@ -311,8 +334,11 @@ def _run(args, comm: Comm) -> int:
     total = len(plan.pending)
     if comm.rank == 0:
         procs = f", {comm.world} process{'es' if comm.world > 1 else ''} over {comm.backend}" if comm.enabled else ""
-        print(f"{len(plan.refs)} references x {args.num} samples: {total} to make, {plan.skipped} already in {out}"
+        print(f"{_count(len(plan.refs), 'reference')} x {args.num} samples: {total} to make, {plan.skipped} already in {out}"
               f" (batch size {args.batch_size}{procs}, device {comm.device.type})", flush=True)
+        if plan.ignored:
+            print(f"ignored {_count(plan.ignored, 'non-image file')} in {ref_dir} (images are "
+                  f"{', '.join(sorted(IMAGE_SUFFIXES))})", flush=True)
         if plan.removed_temp:
             print(f"removed {plan.removed_temp} unfinished temp file(s) of an interrupted run", flush=True)
         if plan.first_done:
@@ -403,4 +429,7 @@ def _run(args, comm: Comm) -> int:
         print(f"done {done_all}, skipped {plan.skipped}, failed {failed_all} ({len(reasons)} unreadable "
               f"reference{'s' if len(reasons) != 1 else ''}) in {elapsed:.1f} s: {rate:.2f} images/s -> {out}",
               flush=True)
-    return 0
+    # every rank knows failed_all; none exits before rank 0 has printed the summary (torchrun stops the
+    # other workers as soon as one exits with an error)
+    comm.barrier()
+    return FAILED_EXIT_CODE if failed_all else 0

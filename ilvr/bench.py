@@ -608,7 +608,7 @@ def run(args, log: Callable[[str], None] = print) -> dict[str, Any]:
             device = resolve_device(args.device)
         if name == "bundled":
             model, note = bundled_model(args.model, device)
-            label, batches = "bundled model", [1]
+            label, batches = ("bundled model" if args.model == "emoji64" else f"model {model.name}"), [1]
         else:
             unet_cfg, diffusion = ffhq_p2_configs()
             model, note = random_model(unet_cfg, diffusion, device=device, name="adm256-ffhq-p2"), "random weights"

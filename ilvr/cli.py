@@ -51,12 +51,22 @@ def _positive_float(text: str) -> float:
     return value
 
 
+_created: list[tuple[Path, Path]] = []  # (folder, topmost folder made for it) by writable_folder in this command
+
+
 def writable_folder(path: str | Path) -> Path:
     """Create the output folder if needed and prove it takes files, before any loading or sampling:
-    otherwise a bad --out only fails after the whole run, with its work lost."""
+    otherwise a bad --out only fails after the whole run, with its work lost. A folder made here is
+    removed again if the command fails and leaves it empty (see main)."""
     out = Path(path)
+    top = None
+    parent = out.absolute()
+    while not parent.exists() and not parent.is_symlink() and parent != parent.parent:
+        top, parent = parent, parent.parent
     try:
         out.mkdir(parents=True, exist_ok=True)
+        if top is not None:
+            _created.append((out.absolute(), top))
         with tempfile.NamedTemporaryFile(dir=out, prefix=".ilvr-write-test-"):
             pass
     except FileExistsError:
@@ -64,6 +74,20 @@ def writable_folder(path: str | Path) -> Path:
     except OSError as e:
         raise ValueError(f"cannot write to --out {out}: {e.strerror or e}") from None
     return out
+
+
+def _remove_created_if_empty() -> None:
+    """Undo writable_folder for a failed command: the folders it made go again while they are empty."""
+    for folder, top in reversed(_created):
+        while True:
+            try:
+                folder.rmdir()  # only ever removes an empty folder
+            except OSError:
+                break
+            if folder == top:
+                break
+            folder = folder.parent
+    _created.clear()
 
 
 def _model_option(text: str) -> tuple[str, object]:
@@ -192,6 +216,8 @@ def cmd_info(args) -> int:
         return 0
     print(f"model       {d['name']}  ({d['format']} format, {d['parameters'] / 1e6:.2f} M parameters)")
     print(f"image size  {d['image_size']}")
+    if d.get("training"):
+        print("training    " + ", ".join(f"{k} {v}" for k, v in d["training"].items()))
     for section in ("unet", "diffusion"):
         print(f"{section}:")
         for k, v in d[section].items():
@@ -302,11 +328,13 @@ def cmd_sample(args) -> int:
                 if args.save_process:
                     save_animation(frames[j] + [tensor_to_pil(img)], out / f"{name}_{k}_process.gif")
     bar.close()
-    print(f"wrote {total} images to {out}" + (f" ({replaced} replaced files of an earlier run)" if replaced else ""))
+    print(f"wrote {total} image{'s' if total != 1 else ''} to {out}"
+          + (f" ({replaced} replaced files of an earlier run)" if replaced else ""))
     return 0
 
 
 def cmd_train(args) -> int:
+    from .network import UNetConfig
     from .train import TrainConfig, train
 
     def ints(text: str, what: str) -> tuple[int, ...]:
@@ -315,16 +343,22 @@ def cmd_train(args) -> int:
         except ValueError:
             raise ValueError(f"{what} must be comma-separated whole numbers, got {text!r}") from None
 
+    mult = ints(args.channel_mult, "--channel-mult")
+    groups = UNetConfig.norm_groups  # every GroupNorm's group count (32)
+    widths = sorted({args.channels * m for m in mult})
+    if mult and all(m > 0 for m in mult) and any(w % groups for w in widths):  # other mistakes: UNetConfig says
+        raise ValueError(f"--channels {args.channels} with --channel-mult {args.channel_mult} gives channel counts "
+                         f"{widths}; they must be multiples of {groups} (GroupNorm's {groups} groups): use --channels "
+                         f"{groups}, {2 * groups}, ...")
     cfg = TrainConfig(data=args.data, out=args.out, image_size=args.image_size, model_channels=args.channels,
-                      channel_mult=ints(args.channel_mult, "--channel-mult"), num_res_blocks=args.res_blocks,
+                      channel_mult=mult, num_res_blocks=args.res_blocks,
                       attention_levels=ints(args.attention_levels, "--attention-levels"),
                       channels=1 if args.grayscale else 3, batch_size=args.batch_size,
                       lr=args.lr, max_steps=args.steps, max_minutes=args.minutes,
                       save_every_minutes=args.save_every_minutes, sample_every=args.sample_every, device=args.device,
                       cpu_bf16=args.cpu_bf16, seed=args.seed)
     writable_folder(args.out)
-    path = train(cfg)
-    print(f"wrote {path}")
+    train(cfg)  # says what it wrote, or that there was nothing to do
     return 0
 
 
@@ -342,18 +376,26 @@ def main(argv: list[str] | None = None) -> int:
     from .loading import ModelLoadError
 
     keep_freed_heap()  # every command runs UNet calls (train and bench on CPU too); see ilvr.cpu_memory
+    _created.clear()
+    rc = 1  # unless the command returns: an unexpected exception fails it too
     try:
         commands = {"sample": cmd_sample, "info": cmd_info, "convert": cmd_convert, "train": cmd_train, "bench": cmd_bench}
-        return commands[args.command](args)
+        rc = commands[args.command](args)
     except (ModelLoadError, ImageError, ValueError, OSError) as e:
         if isinstance(e, BrokenPipeError):  # `python -m ilvr info --json | head`: the reader left, not an error
             sys.stdout = open(os.devnull, "w")  # so the interpreter's final flush does not fail again
-            return 0
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+            rc = 0
+        else:
+            print(f"error: {e}", file=sys.stderr)
+            rc = 2
+    except KeyboardInterrupt as e:
+        if not getattr(e, "reported", False):  # train says itself where it stopped and what it saved
+            print("interrupted", file=sys.stderr)
+        rc = 130
+    finally:
+        if rc != 0:
+            _remove_created_if_empty()
+    return rc
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 MAX_PIXELS = 64_000_000  # bigger than any real photo; guards against decompression bombs
 SETTINGS_KEY = "ilvr"
+# what training and `sample --ref-dir` take as images (other files in those folders are ignored)
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 
 class ImageError(ValueError):

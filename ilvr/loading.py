@@ -639,7 +639,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         raise ModelLoadError(f"device {device!r} is not supported: use auto, cpu, cuda or cuda:N")
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
-            raise ModelLoadError("CUDA was asked for but torch sees no GPU; use device='cpu'")
+            raise ModelLoadError("CUDA was asked for but torch sees no GPU; use the CPU "
+                                 "(--device cpu, or device='cpu' in Python)")
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
             raise ModelLoadError(f"{device} does not exist: torch sees {torch.cuda.device_count()} GPU(s)")
     return resolved

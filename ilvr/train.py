@@ -7,26 +7,34 @@ The exported model is ``OUT/model.safetensors`` (EMA weights, fp16) + ``OUT/conf
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .images import ImageError, image_mode, open_image, square_resize
+from .batch import is_image_name, list_files
+from .images import IMAGE_SUFFIXES, ImageError, image_mode, open_image, square_resize  # ilvr.train.IMAGE_SUFFIXES too
 from .loading import resolve_device
 from .network import UNet, UNetConfig, count_parameters
 from .schedule import DiffusionConfig, Schedule
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 STATE_FILE = "train_state.ckpt.pt"
+LOCK_FILE = ".train.lock"  # held (flock) by the run training into the folder
+# files that hold another tool's model: training into their folder would overwrite its config.json
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".onnx", ".msgpack", ".h5")
 
 
 @dataclass
@@ -57,18 +65,29 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)
 
 
-def find_images(folder: str | os.PathLike) -> list[Path]:
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training, raised after the state was saved and the user was told how to resume."""
+
+    reported = True
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def find_images(folder: str | os.PathLike, exclude: str | os.PathLike | None = None) -> list[Path]:
+    """Image files under folder, sorted; hidden files and folders and `exclude` (the --out folder, whose
+    sample grids must not become training images) are skipped, as ``sample --ref-dir`` skips them."""
     root = Path(folder)
-    if not root.is_dir():
-        raise FileNotFoundError(f"training data folder not found: {root}")
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return [root / rel for rel in list_files(root, exclude, what="training data folder") if is_image_name(rel)]
 
 
-def load_dataset(folder: str | os.PathLike, size: int, channels: int = 3) -> torch.Tensor:
+def load_dataset(folder: str | os.PathLike, size: int, channels: int = 3,
+                 exclude: str | os.PathLike | None = None) -> torch.Tensor:
     """Every readable image in the folder, as uint8 (N, channels, size, size); unreadable files are skipped."""
     tensors, skipped = [], []
     mode = image_mode(channels)
-    for path in find_images(folder):
+    for path in find_images(folder, exclude):
         try:
             img = square_resize(open_image(path), size).convert(mode)
         except ImageError as e:
@@ -76,7 +95,8 @@ def load_dataset(folder: str | os.PathLike, size: int, channels: int = 3) -> tor
             continue
         tensors.append(torch.from_numpy(np.array(img, dtype=np.uint8).reshape(size, size, channels)).permute(2, 0, 1))
     if not tensors:
-        raise ValueError(f"no readable images in {folder}")
+        raise ValueError(f"no readable images in {folder} (images are {', '.join(sorted(IMAGE_SUFFIXES))}; "
+                         "hidden files and the --out folder are skipped)")
     if skipped:
         shown = skipped[:5]
         print(f"skipped {len(skipped)} file(s) that could not be used: " + "; ".join(shown)
@@ -104,21 +124,134 @@ def export_model(model: UNet, diffusion: DiffusionConfig, out_dir: str | os.Path
     return out / "model.safetensors"
 
 
-def continue_from_export(out: Path, unet_cfg: UNetConfig, model: UNet, ema: UNet, log) -> tuple[int, float]:
+def foreign_model(out: Path) -> str | None:
+    """What in `out` belongs to a model that is not ours (None: no model, or our own export/state).
+    Training writes config.json and model.safetensors there, so it would overwrite that model."""
+    if not out.is_dir():
+        return None
+    config = out / "config.json"
+    if config.is_file():
+        try:
+            data = json.loads(config.read_text())
+        except (OSError, ValueError):
+            return "a config.json that is not ours"
+        if not isinstance(data, dict) or data.get("format") != "ilvr":
+            kind = (data.get("_class_name") or data.get("model_type")) if isinstance(data, dict) else None
+            return f"config.json of a {kind}" if isinstance(kind, str) else 'a config.json without "format": "ilvr"'
+    if (out / "model_index.json").is_file():
+        return "a diffusers pipeline: model_index.json"
+    weights = sorted(p.name for p in out.iterdir() if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES
+                     and p.name not in (STATE_FILE, "model.safetensors"))
+    if weights:
+        return ", ".join(weights[:3]) + (f" and {len(weights) - 3} more" if len(weights) > 3 else "")
+    if (out / "model.safetensors").is_file() and not config.is_file() and _export_config(out) is None:
+        return "model.safetensors without our config.json"
+    return None
+
+
+def _export_config(out: Path) -> dict | None:
+    """Our exported model's config: config.json, or else the copy in model.safetensors' metadata."""
+    config = out / "config.json"
+    if config.is_file():
+        return json.loads(config.read_text())
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(out / "model.safetensors"), "pt") as f:
+            return json.loads((f.metadata() or {})["ilvr_config"])
+    except Exception:  # not a safetensors file, or not ours
+        return None
+
+
+def config_differences(old: dict, new: dict, where: str) -> list[str]:
+    """'field: old where, new asked' for every field that differs, to say what to change."""
+    def show(v):
+        return "(none)" if v is None else v
+
+    return [f"{k}: {show(old.get(k))} {where}, {show(new.get(k))} asked" for k in new if old.get(k) != new.get(k)]
+
+
+def continue_from_export(out: Path, unet_cfg: UNetConfig, model: UNet, ema: UNet, log,
+                         diffusion: DiffusionConfig | None = None) -> tuple[int, float]:
     """No training state (a fresh machine; only the committed export is there): start from the exported
     EMA weights, so a bundled model can keep training in any later session. The optimizer restarts."""
     from safetensors.torch import load_file
 
-    config = json.loads((out / "config.json").read_text())
-    if config.get("unet") != unet_cfg.to_dict():
-        raise ValueError(f"{out} holds a model with another architecture; use a new --out or matching options")
+    config = _export_config(out) or {}
+    try:  # compared as configs: fields added since the export take their defaults
+        exported = UNetConfig.from_dict(config.get("unet", {})).to_dict()
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{out} holds a model whose architecture cannot be read ({e}); pick a new --out") from None
+    diffs = config_differences(exported, unet_cfg.to_dict(), "in the exported model")
+    if diffusion is not None:
+        diffs += config_differences(DiffusionConfig.from_dict(config.get("diffusion", {})).to_dict(),
+                                    diffusion.to_dict(), "in the exported model")
+    if diffs:
+        raise ValueError(f"{out} holds a model with another architecture ({'; '.join(diffs)}); use matching "
+                         "options or a new --out")
     weights = {k: v.float() for k, v in load_file(str(out / "model.safetensors")).items()}
     model.load_state_dict(weights)
     ema.load_state_dict(weights)
     info = config.get("training", {})
     log(f"no training state in {out}: continuing from its exported EMA weights at step {info.get('steps', 0)} "
-        "(fresh optimizer)")
+        f"(fresh optimizer); this run will replace {out / 'model.safetensors'} with the new weights")
     return int(info.get("steps", 0)), float(info.get("minutes", 0.0)) * 60
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """One train run per --out: two would overwrite each other's state and export. The lock (flock) goes
+    with the process, so a killed run blocks no later one; the file is removed on the way out, so none
+    is left in the model folder. Without fcntl (Windows) there is no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path = out / LOCK_FILE
+    while True:
+        f = open(path, "a")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise ValueError(f"another train run is using {out}; wait for it or pick another --out") from None
+        except OSError:  # a filesystem without locks (some network disks): train unlocked, as before
+            break
+        try:
+            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        f.close()  # the run that held it removed that file meanwhile: lock the one now there
+    try:
+        yield
+    finally:
+        try:
+            path.unlink()  # while still holding the lock, so a waiting run sees the file change (above)
+        except OSError:
+            pass
+        f.close()
+
+
+@contextlib.contextmanager
+def _interrupt_after() -> Iterator[None]:
+    """Hold a Ctrl-C until the block ends: the optimizer and EMA updates must not stop halfway, or the
+    state saved on the way out would mix two steps."""
+    if threading.current_thread() is not threading.main_thread():  # signals only reach the main thread
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        if callable(previous):
+            previous(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt
+        elif previous != signal.SIG_IGN:
+            raise KeyboardInterrupt
 
 
 def _autocast(device: torch.device, enabled: bool, cpu_bf16: bool = False):
@@ -130,6 +263,8 @@ def _autocast(device: torch.device, enabled: bool, cpu_bf16: bool = False):
 
 
 def train(cfg: TrainConfig, log=print) -> Path:
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # every rank would write the same files
+        raise ValueError("train runs in one process; run it without torchrun")
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
     unet_cfg = UNetConfig(image_size=cfg.image_size, in_channels=cfg.channels, out_channels=cfg.channels,
@@ -137,12 +272,20 @@ def train(cfg: TrainConfig, log=print) -> Path:
                           num_res_blocks=cfg.num_res_blocks, attention_levels=cfg.attention_levels,
                           num_head_channels=cfg.num_head_channels)
     diffusion = DiffusionConfig(variance_type="fixed_small")
+    if not Path(cfg.data).is_dir():  # before a state is read: no wait for this error
+        raise FileNotFoundError(f"training data folder not found: {cfg.data}")
+    if out.resolve() == Path(cfg.data).resolve():
+        raise ValueError("--out must not be the --data folder itself (its sample grids would become training images)")
+    reason = foreign_model(out)
+    if reason:
+        raise ValueError(f"{out} holds another model ({reason}); pick a new --out")
     out.mkdir(parents=True, exist_ok=True)
-    data = load_dataset(cfg.data, cfg.image_size, cfg.channels)  # after the config's checks: no wait for an error
-    log(f"{len(data)} training images from {cfg.data}, {cfg.image_size}px, device {device}")
-    schedule = Schedule.from_config(diffusion)
-    abar = torch.tensor(schedule.alphas_cumprod, dtype=torch.float32, device=device)
+    with _exclusive(out):
+        return _train(cfg, out, unet_cfg, diffusion, device, log)
 
+
+def _train(cfg: TrainConfig, out: Path, unet_cfg: UNetConfig, diffusion: DiffusionConfig, device: torch.device,
+           log) -> Path:
     torch.manual_seed(cfg.seed)
     model = UNet(unet_cfg).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -150,71 +293,115 @@ def train(cfg: TrainConfig, log=print) -> Path:
     step, elapsed_before = 0, 0.0
     gen = torch.Generator().manual_seed(cfg.seed)
 
+    # the state or export is checked before the data is decoded: no wait for an error
     state_path = out / STATE_FILE
     if state_path.exists():
         state = torch.load(state_path, map_location=device, weights_only=True)
-        if UNetConfig.from_dict(state["unet"]) != unet_cfg:  # compared as configs: newer fields take defaults
-            raise ValueError(f"{state_path} was trained with another architecture; use a new --out or delete it")
+        # compared as configs: fields added since the state was written take their defaults
+        diffs = config_differences(UNetConfig.from_dict(state["unet"]).to_dict(), unet_cfg.to_dict(), "in the state")
+        if diffs:
+            raise ValueError(f"{state_path} was trained with another architecture ({'; '.join(diffs)}); use the "
+                             "same options, a new --out, or delete it")
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
         step, elapsed_before = state["step"], state.get("elapsed_s", 0.0)
         gen.set_state(state["rng"])
-        log(f"resumed from step {step} ({elapsed_before / 60:.1f} min of training so far)")
-    elif (out / "model.safetensors").exists() and (out / "config.json").exists():
-        step, elapsed_before = continue_from_export(out, unet_cfg, model, ema, log)
+        asked = {"lr": cfg.lr, "batch size": cfg.batch_size}
+        before = [f"{what} {state[key]:g}" for what, key in (("lr", "lr"), ("batch size", "batch_size"))
+                  if key in state and state[key] != asked[what]]  # states written before they were recorded: none
+        log(f"resumed from step {step} ({elapsed_before / 60:.1f} min of training so far); lr {cfg.lr:g}, "
+            f"batch size {cfg.batch_size}" + (f" (before: {', '.join(before)})" if before else ""))
+    elif (out / "model.safetensors").exists():
+        step, elapsed_before = continue_from_export(out, unet_cfg, model, ema, log, diffusion)
+        log(f"lr {cfg.lr:g}, batch size {cfg.batch_size}")
+    reached = [f"--steps {cfg.max_steps}"] if step >= cfg.max_steps else []
+    if cfg.max_minutes and elapsed_before >= cfg.max_minutes * 60:
+        reached.append(f"--minutes {cfg.max_minutes:g}")
+    if reached:
+        log(f"already trained {_plural(step, 'step')} / {elapsed_before / 60:.1f} min ({' and '.join(reached)}); "
+            "nothing to do")
+        return out / "model.safetensors"
+
+    data = load_dataset(cfg.data, cfg.image_size, cfg.channels, exclude=out)
+    log(f"{_plural(len(data), 'training image')} from {cfg.data}, {cfg.image_size}px, device {device}")
     log(f"model: {count_parameters(model) / 1e6:.2f} M parameters")
+    schedule = Schedule.from_config(diffusion)
+    abar = torch.tensor(schedule.alphas_cumprod, dtype=torch.float32, device=device)
+
+    saved_step = step  # what is on disk already (nothing, at step 0)
 
     def save_state() -> None:
+        nonlocal saved_step
         tmp = state_path.with_suffix(".tmp")
         torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
-                    "rng": gen.get_state(), "unet": unet_cfg.to_dict(), "elapsed_s": elapsed_before + time.time() - start},
+                    "rng": gen.get_state(), "unet": unet_cfg.to_dict(), "diffusion": diffusion.to_dict(),
+                    "elapsed_s": elapsed_before + time.time() - start,
+                    "lr": cfg.lr, "batch_size": cfg.batch_size},
                    tmp)
         os.replace(tmp, state_path)
         export_model(ema, diffusion, out, {"steps": step, "batch_size": cfg.batch_size, "images": len(data),
                                            "minutes": round((elapsed_before + time.time() - start) / 60, 1),
                                            "device": str(device)})
+        saved_step = step
 
     start = last_save = time.time()
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", dynamic_ncols=True)
+    stopped = ""  # why the loop ended early, logged once the bar is closed (not mid-bar)
     model.train()
-    while step < cfg.max_steps:
-        idx = torch.randint(len(data), (cfg.batch_size,), generator=gen)
-        x0 = data[idx].float() / 127.5 - 1.0
-        flip = torch.rand(cfg.batch_size, generator=gen) < 0.5
-        x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0).to(device)
-        t = torch.randint(schedule.num_steps, (cfg.batch_size,), generator=gen).to(device)
-        noise = torch.randn(x0.shape, generator=gen).to(device)
-        a = abar[t][:, None, None, None]
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        with _autocast(device, cfg.mixed_precision, cfg.cpu_bf16):
-            pred = model(xt, t)
-        loss = F.mse_loss(pred.float(), noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
-        opt.step()
-        with torch.no_grad():
-            decay = min(cfg.ema_decay, (1 + step) / (10 + step))  # warm-up so early EMA is not all noise
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - decay)
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        now = time.time()
-        if now - last_save > cfg.save_every_minutes * 60 or step == cfg.max_steps:
+    try:
+        while step < cfg.max_steps:
+            idx = torch.randint(len(data), (cfg.batch_size,), generator=gen)
+            x0 = data[idx].float() / 127.5 - 1.0
+            flip = torch.rand(cfg.batch_size, generator=gen) < 0.5
+            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0).to(device)
+            t = torch.randint(schedule.num_steps, (cfg.batch_size,), generator=gen).to(device)
+            noise = torch.randn(x0.shape, generator=gen).to(device)
+            a = abar[t][:, None, None, None]
+            xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+            with _autocast(device, cfg.mixed_precision, cfg.cpu_bf16):
+                pred = model(xt, t)
+            loss = F.mse_loss(pred.float(), noise)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            with _interrupt_after():
+                for group in opt.param_groups:
+                    group["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+                opt.step()
+                with torch.no_grad():
+                    decay = min(cfg.ema_decay, (1 + step) / (10 + step))  # warm-up so early EMA is not all noise
+                    for pe, pm in zip(ema.parameters(), model.parameters()):
+                        pe.lerp_(pm, 1 - decay)
+                step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            now = time.time()
+            if now - last_save > cfg.save_every_minutes * 60 or step == cfg.max_steps:
+                save_state()
+                last_save = now
+            if cfg.sample_every and step % cfg.sample_every == 0:
+                if saved_step != step:
+                    save_state()
+                write_sample_grid(ema, diffusion, out / "samples" / f"step_{step:07d}.png", device)
+            if cfg.max_minutes and (elapsed_before + now - start) > cfg.max_minutes * 60:
+                stopped = f"time budget of {cfg.max_minutes:g} min reached at step {step}"
+                break
+        if saved_step != step:
             save_state()
-            last_save = now
-        if cfg.sample_every and step % cfg.sample_every == 0:
+    except KeyboardInterrupt:
+        bar.close()
+        if saved_step != step:
             save_state()
-            write_sample_grid(ema, diffusion, out / "samples" / f"step_{step:07d}.png", device)
-        if cfg.max_minutes and (elapsed_before + now - start) > cfg.max_minutes * 60:
-            log(f"time budget of {cfg.max_minutes} min reached at step {step}")
-            break
-    save_state()
-    bar.close()
+            print(f"interrupted at step {step}; saved, run the same command to resume", file=sys.stderr)
+        else:
+            print(f"interrupted at step {step}; nothing new to save", file=sys.stderr)
+        raise TrainingInterrupted from None
+    finally:
+        bar.close()
+    if stopped:
+        log(stopped)
+    log(f"wrote {out / 'model.safetensors'}")
     return out / "model.safetensors"
 
 

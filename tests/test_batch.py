@@ -16,7 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ilvr.batch import STOP_AFTER_ENV, STOP_EXIT_CODE, list_references, make_plan, output_bases, shard
+from ilvr.batch import (FAILED_EXIT_CODE, STOP_AFTER_ENV, STOP_EXIT_CODE, list_references, make_plan, output_bases,
+                        shard)
 from ilvr.cli import derive_seed, main
 from ilvr.images import read_settings
 from ilvr.network import UNet, UNetConfig
@@ -50,6 +51,8 @@ def world(tmp_path_factory):
     whole = (refs / "a.png").read_bytes()
     (refs / BROKEN).write_bytes(whole[: len(whole) // 2])  # valid header, truncated data
     (refs / ".hidden.png").write_bytes(whole)  # hidden files are not references
+    (refs / "notes.txt").write_text("not an image")  # nor are non-image files
+    (refs / "sub" / "Thumbs.db").write_bytes(b"\0" * 16)
     yield {"model": base / "model", "refs": refs, "base": base}
     torch.set_num_threads(threads)
 
@@ -62,7 +65,7 @@ def cli_args(world, out: Path, batch_size: int) -> list[str]:
 def run_here(world, out: Path, batch_size: int, capsys, monkeypatch) -> str:
     for var in DIST_VARS:
         monkeypatch.delenv(var, raising=False)
-    assert main(cli_args(world, out, batch_size)) == 0
+    assert main(cli_args(world, out, batch_size)) == FAILED_EXIT_CODE  # the broken reference fails every run
     captured = capsys.readouterr()
     return captured.out + captured.err
 
@@ -112,7 +115,7 @@ def baseline(world, tmp_path_factory):
     out = tmp_path_factory.mktemp("baseline") / "out"
     for var in DIST_VARS:
         os.environ.pop(var, None)
-    assert main(cli_args(world, out, 4)) == 0
+    assert main(cli_args(world, out, 4)) == FAILED_EXIT_CODE
     return out
 
 
@@ -135,7 +138,7 @@ def test_torchrun_two_processes_match_one_process(world, baseline, tmp_path):
     out = tmp_path / "out"
     proc = run_process(world, out, batch_size=3, nproc=2)
     log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log
+    assert proc.returncode == FAILED_EXIT_CODE, log  # the broken reference: scripts must notice
     assert_same_images(baseline, out)  # same files, same pixels: no duplicate, none missing
     assert leftovers(out) == []
     assert BROKEN in log and "unreadable" in log
@@ -165,7 +168,7 @@ def test_torchrun_on_two_machines_sharing_the_output_folder(world, baseline, tmp
             logs.append(m.communicate(timeout=300)[0])
         finally:
             m.kill()
-    assert [m.returncode for m in machines] == [0, 0], "\n".join(logs)
+    assert [m.returncode for m in machines] == [FAILED_EXIT_CODE] * 2, "\n".join(logs)
     assert_same_images(baseline, out)  # each (reference, k) written once, by one of the machines
     assert leftovers(out) == []
     assert any(f"done {len(EXPECTED)}, skipped 0, failed {NUM}" in log for log in logs)  # global rank 0's totals
@@ -207,7 +210,7 @@ def test_torchrun_resumes_after_a_lost_process(world, baseline, tmp_path):
     assert 1 <= len(first) < len(EXPECTED)
 
     proc = run_process(world, out, batch_size=2, nproc=2)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.returncode == FAILED_EXIT_CODE, proc.stdout + proc.stderr
     assert f"skipped {len(first)}" in proc.stdout
     assert {rel: (out / rel).stat().st_mtime_ns for rel in first} == first
     assert leftovers(out) == []
@@ -219,7 +222,7 @@ def test_other_settings_in_the_output_folder_are_flagged(world, baseline, tmp_pa
     shutil.copytree(baseline, out)
     for var in DIST_VARS:
         monkeypatch.delenv(var, raising=False)
-    assert main(cli_args(world, out, 4) + ["--N", "4"]) == 0
+    assert main(cli_args(world, out, 4) + ["--N", "4"]) == FAILED_EXIT_CODE
     log = capsys.readouterr().err
     assert "other settings" in log and "N: 2 on disk, 4 now" in log
 
@@ -232,7 +235,7 @@ def test_another_model_in_the_output_folder_is_flagged(world, baseline, tmp_path
         monkeypatch.delenv(var, raising=False)
     args = cli_args(world, out, 4)
     args[args.index("--model") + 1] = str(other)
-    assert main(args) == 0
+    assert main(args) == FAILED_EXIT_CODE
     err = capsys.readouterr().err
     assert "other settings (model: " in err and "other-model' now" in err, err
 
@@ -242,9 +245,44 @@ def test_empty_reference_folder_is_an_error(world, tmp_path, capsys, monkeypatch
         monkeypatch.delenv(var, raising=False)
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / ".DS_Store").write_bytes(b"")
+    (tmp_path / "empty" / "notes.txt").write_text("")
     assert main(["sample", "--model", str(world["model"]), "--ref-dir", str(tmp_path / "empty"),
                  "--out", str(tmp_path / "out"), "--steps", "2"]) == 2
-    assert "holds no files to translate" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "holds no images to translate" in err and "ignored 1 non-image file)" in err, err
+    assert not (tmp_path / "out").exists()  # the folder this failed command made is removed again
+
+
+def test_non_image_files_are_ignored_and_a_clean_run_exits_0(world, tmp_path, capsys, monkeypatch):
+    for var in DIST_VARS:
+        monkeypatch.delenv(var, raising=False)
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    shutil.copy(world["refs"] / "a.png", refs / "a.png")
+    (refs / "notes.txt").write_text("x")
+    (refs / "Thumbs.db").write_bytes(b"\0")
+    args = ["sample", "--model", str(world["model"]), "--ref-dir", str(refs), "--out", str(tmp_path / "out"),
+            "--num-samples", "1", "--steps", "2"]
+    assert main(args) == 0
+    log = capsys.readouterr().out
+    assert "1 reference x 1 samples" in log and "ignored 2 non-image files" in log
+    assert "done 1, skipped 0, failed 0" in log
+    assert main(args) == 0  # everything already done: still a success
+    assert "done 0, skipped 1, failed 0" in capsys.readouterr().out
+
+
+def test_failed_references_give_exit_status_1(world, tmp_path, capsys, monkeypatch):
+    for var in DIST_VARS:
+        monkeypatch.delenv(var, raising=False)
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    (refs / "broken.png").write_bytes((world["refs"] / BROKEN).read_bytes())
+    out = tmp_path / "out"
+    assert main(["sample", "--model", str(world["model"]), "--ref-dir", str(refs), "--out", str(out),
+                 "--num-samples", "2", "--steps", "2"]) == FAILED_EXIT_CODE
+    captured = capsys.readouterr()
+    assert "done 0, skipped 0, failed 2" in captured.out and "broken.png" in captured.err
+    assert not out.exists()  # made by this failed command and left empty: removed
 
 
 # ----------------------------------------------------------------------------- planning

@@ -38,7 +38,7 @@ def test_sample_writes_pngs_with_settings(tiny_checkpoint, ref_png, tmp_path, ca
     capsys.readouterr()
     assert main(["sample", "--model", str(tiny_checkpoint), "--ref", str(ref_png), "--N", "4", "--steps", "2",
                  "--num", "1", "--out", str(out)]) == 0
-    assert "(1 replaced files of an earlier run)" in capsys.readouterr().out
+    assert f"wrote 1 image to {out} (1 replaced files of an earlier run)" in capsys.readouterr().out
     assert s["global_seed"] == 1 and s["seed"] == derive_seed(1, "ref.png", 0)  # --seed 1 reproduces it
 
 
@@ -91,6 +91,12 @@ def test_info_prints_the_architecture(tiny_checkpoint, capsys):
     assert main(["info", str(tiny_checkpoint), "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["unet"]["model_channels"] == 32 and d["diffusion"]["variance_type"] == "fixed_small"
+
+
+def test_info_shows_how_a_trained_model_was_trained(capsys):
+    assert main(["info", "emoji64"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("training"))
+    assert "steps " in line and "images 3786" in line
 
 
 def test_model_options_fill_in_what_a_guided_diffusion_file_does_not_record(ref_png, tmp_path, capsys):
@@ -207,3 +213,33 @@ def test_unusable_out_folder_fails_before_any_work(tiny_checkpoint, ref_png, tmp
         assert message in capsys.readouterr().err
         assert main(["train", "--data", str(tmp_path), "--out", str(out)]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_a_missing_gpu_is_explained_for_the_command_line_and_python(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "m"), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "torch sees no GPU; use the CPU (--device cpu, or device='cpu' in Python)" in err, err
+
+
+def test_failed_commands_remove_the_empty_out_folder_they_made(tiny_checkpoint, ref_png, tmp_path, capsys):
+    from conftest import TINY_TRAIN_FLAGS
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        (["train", "--data", str(empty), "--out", str(tmp_path / "m_empty"), *TINY_TRAIN_FLAGS], "no readable images"),
+        (["train", "--data", str(tmp_path / "nonexistent"), "--out", str(tmp_path / "m_none")], "not found"),
+        (["sample", "--model", str(tiny_checkpoint), "--ref", str(ref_png), "--N", "3", "--out",
+          str(tmp_path / "e9" / "deeper")], "does not divide"),
+    ]
+    for args, message in cases:
+        assert main(args) == 2
+        assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "ref.png", "tiny"]  # e9 went too
+    kept = tmp_path / "kept"  # a folder that was there before the command stays
+    kept.mkdir()
+    assert main(["train", "--data", str(empty), "--out", str(kept), *TINY_TRAIN_FLAGS]) == 2
+    assert kept.is_dir() and not list(kept.iterdir())  # and train's lock file is gone

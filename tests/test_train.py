@@ -63,6 +63,8 @@ def test_train_a_grayscale_model(tmp_path):
     (["--channel-mult", "1,0"], "channel_mult must be a non-empty list of numbers above 0"),
     (["--channel-mult", ""], "channel_mult must be a non-empty list"),
     (["--channels", "8", "--channel-mult", "1,-2"], "channel_mult must be"),
+    (["--channels", "16", "--channel-mult", "1,2"], "--channels 16 with --channel-mult 1,2 gives channel counts "
+     "[16, 32]; they must be multiples of 32 (GroupNorm's 32 groups): use --channels 32, 64, ..."),
 ])
 def test_unusable_architectures_are_refused_before_training(tmp_path, capsys, flags, message):
     assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "m"), *flags]) == 2
@@ -75,3 +77,164 @@ def test_times_and_rates_must_be_above_zero(tmp_path, capsys, flag):
         with pytest.raises(SystemExit):
             main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "m"), flag, value])
         assert "expected a number above 0" in capsys.readouterr().err
+
+
+def tiny_args(data, out, steps: int = 1, *extra: str) -> list[str]:
+    return ["train", "--data", str(data), "--out", str(out), *TINY_TRAIN_FLAGS, "--batch-size", "2",
+            "--steps", str(steps), "--sample-every", "0", *extra]
+
+
+def test_ctrl_c_saves_the_state_and_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    import signal
+
+    data = noise_images(tmp_path / "data", [(20, 20)] * 2)
+    out = tmp_path / "m"
+    original, calls = torch.optim.AdamW.step, []
+
+    def step_then_ctrl_c(self, *args, **kwargs):  # Ctrl-C lands mid-update: the update still completes
+        result = original(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_ctrl_c)
+    assert main(tiny_args(data, out, 50)) == 130
+    err = capsys.readouterr().err
+    assert "interrupted at step 3; saved, run the same command to resume" in err
+    assert "\ninterrupted\n" not in "\n" + err  # said once, by train
+    assert torch.load(out / "train_state.ckpt.pt", weights_only=True)["step"] == 3
+    assert json.loads((out / "config.json").read_text())["training"]["steps"] == 3
+    monkeypatch.setattr(torch.optim.AdamW, "step", original)
+    assert main(tiny_args(data, out, 4)) == 0
+    assert "resumed from step 3" in capsys.readouterr().out
+
+
+def test_another_models_folder_is_refused_before_loading_data(tmp_path, capsys, monkeypatch):
+    import ilvr.train
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("loaded the data before checking --out")
+
+    monkeypatch.setattr(ilvr.train, "load_dataset", must_not_run)
+    data = noise_images(tmp_path / "data", [(20, 20)] * 2)
+    diffusers = tmp_path / "ddpm"
+    diffusers.mkdir()
+    config = '{"_class_name": "UNet2DModel", "sample_size": 32}'
+    (diffusers / "config.json").write_text(config)
+    (diffusers / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
+    assert main(tiny_args(data, diffusers)) == 2
+    err = capsys.readouterr().err
+    assert f"{diffusers} holds another model (config.json of a UNet2DModel); pick a new --out" in err, err
+    assert (diffusers / "config.json").read_text() == config
+    assert sorted(p.name for p in diffusers.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    guided = tmp_path / "guided"
+    guided.mkdir()
+    (guided / "ema_0.9999_050000.pt").write_bytes(b"weights")
+    assert main(tiny_args(data, guided)) == 2
+    assert "holds another model (ema_0.9999_050000.pt)" in capsys.readouterr().err
+
+
+def test_torchrun_and_a_second_run_into_the_same_out_are_refused(tmp_path, capsys, monkeypatch):
+    import fcntl
+
+    data = noise_images(tmp_path / "data", [(20, 20)] * 2)
+    out = tmp_path / "m"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(tiny_args(data, out)) == 2
+    assert "train runs in one process; run it without torchrun" in capsys.readouterr().err
+    monkeypatch.delenv("WORLD_SIZE")
+    out.mkdir()
+    with open(out / ".train.lock", "a") as held:  # what a running train holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(tiny_args(data, out)) == 2
+        assert f"another train run is using {out}" in capsys.readouterr().err
+    assert main(tiny_args(data, out)) == 0  # released: trains
+    assert not (out / ".train.lock").exists()  # removed on the way out
+
+
+def test_out_inside_data_and_hidden_files_are_not_training_images(tmp_path, capsys):
+    from ilvr.train import find_images
+
+    data = noise_images(tmp_path / "data", [(20, 20)] * 3)
+    (data / ".thumb.png").write_bytes((data / "0.png").read_bytes())
+    (data / ".cache").mkdir()
+    (data / ".cache" / "x.png").write_bytes((data / "0.png").read_bytes())
+    (data / "notes.txt").write_text("x")
+    out = data / "model"
+    assert main(tiny_args(data, out, 1, "--sample-every", "1")) == 0
+    assert (out / "samples" / "step_0000001.png").is_file()
+    assert "3 training images from" in capsys.readouterr().out
+    assert [p.name for p in find_images(data, exclude=out)] == ["0.png", "1.png", "2.png"]
+    assert main(tiny_args(data, out, 2)) == 0  # its sample grid is not picked up
+    assert "3 training images from" in capsys.readouterr().out
+    assert main(tiny_args(data, data)) == 2
+    assert "--out must not be the --data folder itself" in capsys.readouterr().err
+
+
+def test_another_architecture_is_named_before_loading_data(tmp_path, capsys, monkeypatch):
+    import ilvr.train
+
+    data = noise_images(tmp_path / "data", [(20, 20)] * 2)
+    out = tmp_path / "m"
+    assert main(tiny_args(data, out, 1)) == 0
+    capsys.readouterr()
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("loaded the data before checking the architecture")
+
+    with monkeypatch.context() as m:
+        m.setattr(ilvr.train, "load_dataset", must_not_run)
+        wider = tiny_args(data, out, 2)
+        wider[wider.index("--channels") + 1] = "64"
+        assert main(wider) == 2
+        err = capsys.readouterr().err
+        assert "train_state.ckpt.pt was trained with another architecture (model_channels: 32 in the state, " \
+               "64 asked)" in err, err
+        (out / "train_state.ckpt.pt").unlink()
+        assert main(wider) == 2
+        err = capsys.readouterr().err
+        assert "holds a model with another architecture (model_channels: 32 in the exported model, 64 asked)" in err
+    assert main(tiny_args(data, out, 2, "--lr", "0.0005")) == 0
+    log = capsys.readouterr().out
+    assert "this run will replace" in log and "lr 0.0005, batch size 2" in log
+    assert main(tiny_args(data, out, 3, "--batch-size", "1")) == 0
+    assert "resumed from step 2 (" in (log := capsys.readouterr().out)
+    assert "lr 0.001, batch size 1 (before: lr 0.0005, batch size 2)" in log, log
+
+
+def test_limits_already_reached_do_nothing_and_messages_follow_the_bar(tmp_path, monkeypatch):
+    import ilvr.train
+    from tqdm import tqdm
+
+    from ilvr.train import TrainConfig, train
+
+    data = noise_images(tmp_path / "data", [(20, 20)])
+    out = tmp_path / "m"
+    bars, messages = [], []
+
+    class Bar(tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    def log(text: str) -> None:
+        messages.append((text, bool(bars) and not bars[-1].disable))  # and whether a bar was open
+
+    monkeypatch.setattr(ilvr.train, "tqdm", Bar)
+    cfg = TrainConfig(data=str(data), out=str(out), image_size=16, model_channels=32, channel_mult=(1, 2),
+                      attention_levels=(1,), batch_size=2, max_steps=10, max_minutes=0.0001, sample_every=0,
+                      device="cpu")
+    train(cfg, log=log)
+    budget = [open_bar for text, open_bar in messages if "time budget of 0.0001 min reached at step 1" in text]
+    assert budget == [False]  # logged once the bar was closed: not in the middle of it
+    assert any(text.startswith("1 training image from") for text, _ in messages)
+    state = out / "train_state.ckpt.pt"
+    before = state.stat().st_mtime_ns
+    messages.clear()
+    train(cfg, log=log)
+    assert any("already trained 1 step / 0.0 min (--minutes 0.0001); nothing to do" in t for t, _ in messages)
+    cfg.max_minutes, cfg.max_steps = None, 1
+    train(cfg, log=log)
+    assert any("already trained 1 step / 0.0 min (--steps 1); nothing to do" in t for t, _ in messages), messages
+    assert state.stat().st_mtime_ns == before and torch.load(state, weights_only=True)["step"] == 1
