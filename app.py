@@ -236,7 +236,8 @@ def _stream(job_fn, choice: str, path: str, request: gr.Request | None, progress
     except OSError as e:  # e.g. the disk filled up or the folder became read-only since startup
         raise gr.Error(f"The results could not be saved in {OUTPUTS}: {e.strerror or e}.",
                        title="Not saved") from e
-    yield saved.grid, saved.gallery, saved.files, saved.summary
+    # the saved file, not the image: its download keeps the PNG's settings and its name
+    yield str(saved.grid_path), saved.gallery, saved.files, saved.summary
 
 
 @gpu

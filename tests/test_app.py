@@ -47,7 +47,8 @@ def settings_of(path) -> dict:
 
 def assert_result(result, n_images: int):
     grid, gallery, files, info = result
-    assert Path(grid).is_file()
+    assert Path(grid).is_file() and Path(grid).name.endswith("_grid.png")
+    assert "task" in settings_of(grid)  # the grid's download is the saved file, settings included
     imgs = images_of(gallery)
     assert len(imgs) == n_images
     assert all(im.size == (SIZE, SIZE) for im in imgs)

@@ -99,7 +99,12 @@ def test_ctrl_c_saves_the_state_and_says_how_to_resume(tmp_path, capsys, monkeyp
         return result
 
     monkeypatch.setattr(torch.optim.AdamW, "step", step_then_ctrl_c)
-    assert main(tiny_args(data, out, 50)) == 130
+    # a background shell (nohup, &) starts Python with SIGINT ignored: give it Python's usual handler
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert main(tiny_args(data, out, 50)) == 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
     err = capsys.readouterr().err
     assert "interrupted at step 3; saved, run the same command to resume" in err
     assert "\ninterrupted\n" not in "\n" + err  # said once, by train
