@@ -156,7 +156,9 @@ def sample(
     seeds: one integer per sample (0 <= seed < 2**63); a seed gives the same image in any batch.
     mask: (H, W), (1, H, W), (1, 1, H, W) or (B, 1, H, W) in [0, 1]; ILVR acts only where it is 1.
       With keep_outside, the rest is pinned to the reference noised to each level (so it comes back
-      unchanged at the end), for local edits such as scribbles.
+      unchanged at the end), for local edits such as scribbles. Values between 0 and 1 blend; with
+      keep_outside a blend of two independently noised images is slightly less noisy than its level
+      (half the variance at 0.5), so keep feathered edges narrow.
     eta: DDIM's noise scale (0 = deterministic DDIM, 1 = DDPM-like), for sampler="ddim".
     Returns float32 samples (B, C, H, W) on the model's device, not clipped, so callers can measure
     before quantising; an ordinary tensor (not an inference-mode one), free to modify.
