@@ -234,23 +234,44 @@ def _exclusive(out: Path) -> Iterator[None]:
         f.close()
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; kill, timeout and batch schedulers' end of job
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _catch_sigterm():
+    """Make SIGTERM stop training the way Ctrl-C does (saved first); returns the handler to restore."""
+    if threading.current_thread() is not threading.main_thread():  # signals only reach the main thread
+        return None
+    return signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def _release_sigterm(previous) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @contextlib.contextmanager
 def _interrupt_after() -> Iterator[None]:
-    """Hold a Ctrl-C until the block ends: the optimizer and EMA updates must not stop halfway, or the
-    state saved on the way out would mix two steps."""
-    if threading.current_thread() is not threading.main_thread():  # signals only reach the main thread
+    """Hold a Ctrl-C or SIGTERM until the block ends: the optimizer and EMA updates must not stop
+    halfway, or the state saved on the way out would mix two steps."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
     caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-    if caught:
-        if callable(previous):
-            previous(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt
-        elif previous != signal.SIG_IGN:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    for signum in caught:
+        handler = previous[signum]
+        if callable(handler):
+            handler(signum, None)  # Python's Ctrl-C handler and _raise_interrupt raise KeyboardInterrupt
+        elif handler == signal.SIG_DFL:
             raise KeyboardInterrupt
 
 
@@ -349,6 +370,7 @@ def _train(cfg: TrainConfig, out: Path, unet_cfg: UNetConfig, diffusion: Diffusi
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", dynamic_ncols=True)
     stopped = ""  # why the loop ended early, logged once the bar is closed (not mid-bar)
     model.train()
+    previous_sigterm = _catch_sigterm()
     try:
         while step < cfg.max_steps:
             idx = torch.randint(len(data), (cfg.batch_size,), generator=gen)
@@ -399,6 +421,7 @@ def _train(cfg: TrainConfig, out: Path, unet_cfg: UNetConfig, diffusion: Diffusi
         raise TrainingInterrupted from None
     finally:
         bar.close()
+        _release_sigterm(previous_sigterm)
     if stopped:
         log(stopped)
     log(f"wrote {out / 'model.safetensors'}")

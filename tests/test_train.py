@@ -115,6 +115,36 @@ def test_ctrl_c_saves_the_state_and_says_how_to_resume(tmp_path, capsys, monkeyp
     assert "resumed from step 3" in capsys.readouterr().out
 
 
+def test_sigterm_saves_like_ctrl_c(tmp_path):
+    """kill, timeout and batch schedulers end a job with SIGTERM. In a child process: before the fix
+    SIGTERM killed it with nothing saved (and would kill pytest itself if raised here)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    data = noise_images(tmp_path / "data", [(20, 20)] * 2)
+    out = tmp_path / "m"
+    child = """
+import signal, sys, torch
+from ilvr.cli import main
+original, calls = torch.nn.functional.mse_loss, []
+def loss_then_sigterm(*args, **kwargs):  # the third step's forward pass: outside the held update
+    calls.append(1)
+    if len(calls) == 3:
+        signal.raise_signal(signal.SIGTERM)
+    return original(*args, **kwargs)
+torch.nn.functional.mse_loss = loss_then_sigterm
+sys.exit(main(sys.argv[1:]))
+"""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", child, *tiny_args(data, out, 50)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 130, done.stderr[-2000:]
+    assert "interrupted at step 2; saved, run the same command to resume" in done.stderr
+    assert torch.load(out / "train_state.ckpt.pt", weights_only=True)["step"] == 2
+
+
 def test_another_models_folder_is_refused_before_loading_data(tmp_path, capsys, monkeypatch):
     import ilvr.train
 
