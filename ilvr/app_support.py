@@ -50,7 +50,7 @@ def model_paths_allowed(env: Mapping[str, str] = os.environ) -> bool:
     """
     value = env.get(MODEL_PATHS_ENV, "").strip().lower()
     if value:
-        return value not in ("0", "false", "no", "off")
+        return value in ("1", "true", "yes", "on")  # anything else (a typo too) keeps the box closed
     return env.get("SYSTEM") != "spaces"
 
 
@@ -616,9 +616,9 @@ def is_run_folder(path: Path) -> bool:
 
 def foreign_entries(root: Path) -> list[Path]:
     """What else lives in the outputs folder: Gradio serves the whole folder, so these are blocked and
-    named in a warning (folders named like the app's count as the app's, marker or not)."""
+    named in a warning (anything but the app's marked run folders, whatever its name)."""
     try:
-        return sorted(p for p in root.iterdir() if not RUN_NAME.fullmatch(p.name))
+        return sorted(p for p in root.iterdir() if not is_run_folder(p))
     except OSError:
         return []
 

@@ -251,7 +251,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from .images import load_reference, save_animation, save_png, tensor_to_pil
+    from .images import load_reference, open_image, save_animation, save_png, tensor_to_pil
     from .loading import load_model
     from .filters import check_factor
     from .registry import scaled_factor
@@ -276,6 +276,8 @@ def cmd_sample(args) -> int:
 
         return run_folder(args)
     out = writable_folder(args.out)
+    for path in [*(args.ref or []), *([args.mask] if args.mask else [])]:
+        open_image(path)  # a wrong or unreadable file is reported before a model loads (or downloads)
     model = load_model(args.model, device=args.device, dtype=args.dtype, **model_options(args))
     if args.compile:
         model.compile(args.compile_mode)

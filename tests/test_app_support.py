@@ -65,8 +65,9 @@ def test_model_source():
 def test_model_paths_can_be_switched_off_and_are_off_on_spaces():
     assert S.model_paths_allowed({}) and S.model_paths_allowed({"ILVR_ALLOW_MODEL_PATHS": "1", "SYSTEM": "spaces"})
     assert not S.model_paths_allowed({"SYSTEM": "spaces"})
-    for off in ("0", "false", "No", " off "):
-        assert not S.model_paths_allowed({"ILVR_ALLOW_MODEL_PATHS": off})
+    for off in ("0", "false", "No", " off ", "disable"):  # a typo must not open the box on a public Space
+        assert not S.model_paths_allowed({"ILVR_ALLOW_MODEL_PATHS": off, "SYSTEM": "spaces"})
+    assert S.model_paths_allowed({"ILVR_ALLOW_MODEL_PATHS": "Yes", "SYSTEM": "spaces"})
     assert S.model_source("emoji64", "", allow_paths=False) == "emoji64"
     assert S.model_source("cat-256 (Google DDPM, EMA)", None, allow_paths=False) == "cat-256 (Google DDPM, EMA)"
     for choice, path in [("emoji64", "/root"), ("emoji64", "/etc/passwd"), ("emoji64", "/no/such.pt"),
@@ -342,7 +343,7 @@ def test_prune_deletes_only_the_apps_old_result_folders(tmp_path):
     assert not old_run.exists()
     assert young_run.is_dir() and unmarked.is_dir() and loose.is_file() and link.is_symlink()
     assert (notes / "todo.txt").read_text() == "keep me" and (hf / "token").is_file() and target.is_dir()
-    assert S.foreign_entries(tmp_path) == sorted([notes, hf, target])
+    assert S.foreign_entries(tmp_path) == sorted([notes, hf, target, unmarked, loose, link])
 
 
 def test_unwritable_outputs_fall_back_to_a_temp_folder(tmp_path, monkeypatch):

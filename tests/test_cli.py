@@ -215,6 +215,24 @@ def test_unusable_out_folder_fails_before_any_work(tiny_checkpoint, ref_png, tmp
         assert message in capsys.readouterr().err
 
 
+def test_a_wrong_reference_is_reported_before_the_model_loads(ref_png, tmp_path, capsys, monkeypatch):
+    """Online, a typo in --ref used to show only after a 256 px model had downloaded."""
+    import ilvr.loading
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("loaded the model before checking the references")
+
+    monkeypatch.setattr(ilvr.loading, "load_model", must_not_run)
+    junk = tmp_path / "notes.png"
+    junk.write_text("not an image")
+    for ref, mask, message in ((tmp_path / "typo.png", None, "reference image not found"),
+                               (junk, None, "notes.png is not an image"),
+                               (ref_png, tmp_path / "no-mask.png", "no-mask.png")):
+        args = ["sample", "--model", "google/ddpm-ema-cat-256", "--ref", str(ref), "--out", str(tmp_path / "o")]
+        assert main(args + (["--mask", str(mask)] if mask else [])) == 2
+        assert message in capsys.readouterr().err
+
+
 def test_a_missing_gpu_is_explained_for_the_command_line_and_python(tmp_path, capsys, monkeypatch):
     import torch
 
