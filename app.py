@@ -542,14 +542,15 @@ def build_demo() -> gr.Blocks:
     return demo
 
 
-def launch_options() -> dict:
+def launch_options(foreign: list[Path]) -> dict:
     """launch() arguments besides host and port. The results folder is allowed explicitly: Gradio
     refuses to serve files outside the working and temp dirs (ILVR_APP_OUTPUTS=/data/outputs on a
-    Space). Everything else already in that folder is blocked, since allowed folders are served whole."""
+    Space). Everything else already in that folder (`foreign`) is blocked, since allowed folders are
+    served whole."""
     allowed, blocked = [str(EXAMPLES)], []
     if OUTPUTS is not None:
         allowed.append(str(OUTPUTS))
-        blocked = [str(p) for p in S.foreign_entries(OUTPUTS)]
+        blocked = [str(p) for p in foreign]
         if blocked:
             blocked += [p.strip() for p in os.environ.get("GRADIO_BLOCKED_PATHS", "").split(",") if p.strip()]
     return dict(show_error=True, max_file_size="25mb", css=CSS, allowed_paths=allowed,
@@ -560,7 +561,8 @@ def main(args: argparse.Namespace | None = None) -> None:
     args = args if args is not None else parse_args()
     if OUTPUTS_WARNING:
         print(OUTPUTS_WARNING, file=sys.stderr)
-    if OUTPUTS is not None and (foreign := S.foreign_entries(OUTPUTS)):
+    foreign = S.foreign_entries(OUTPUTS) if OUTPUTS is not None else []
+    if foreign:
         print(f"ILVR Studio: {S.OUTPUTS_ENV}={OUTPUTS} also holds {', '.join(p.name for p in foreign[:5])}"
               f"{' …' if len(foreign) > 5 else ''}. The app never deletes those and blocks them from download, but "
               "Gradio serves anything added there later: give the app a folder of its own.", file=sys.stderr)
@@ -570,7 +572,7 @@ def main(args: argparse.Namespace | None = None) -> None:
     concurrency = args.concurrency or (2 if torch.cuda.is_available() else 1)
     demo.queue(default_concurrency_limit=concurrency, max_size=args.max_queue)
     try:
-        demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_options())
+        demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_options(foreign))
     except OSError as e:  # the port was taken while the UI was being built, or no free one in Gradio's range
         if "Cannot find empty port" not in str(e):
             raise

@@ -34,7 +34,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .images import IMAGE_SUFFIXES
+from .images import IMAGE_SUFFIX_TEXT, IMAGE_SUFFIXES, plural
 
 STOP_AFTER_ENV = "ILVR_STOP_AFTER"  # test hook, see the module docstring
 STOP_EXIT_CODE = 75
@@ -153,8 +153,8 @@ def make_plan(ref_dir: Path, out: Path, num: int) -> Plan:
     files = list_files(ref_dir, exclude=out)
     refs = [f for f in files if is_image_name(f)]
     if not refs:
-        others = f"; ignored {_count(len(files), 'non-image file')}" if files else ""
-        raise ValueError(f"{ref_dir} holds no images to translate (images are {', '.join(sorted(IMAGE_SUFFIXES))}; "
+        others = f"; ignored {plural(len(files), 'non-image file')}" if files else ""
+        raise ValueError(f"{ref_dir} holds no images to translate (images are {IMAGE_SUFFIX_TEXT}; "
                          f"hidden files and the --out folder are skipped{others})")
     bases = output_bases(refs)
     have = existing_files(out)
@@ -168,10 +168,6 @@ def make_plan(ref_dir: Path, out: Path, num: int) -> Plan:
             else:
                 pending.append((i, k))
     return Plan(refs, bases, pending, skipped, first_done, removed, len(files) - len(refs))
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 # ----------------------------------------------------------------------------- processes
@@ -334,11 +330,11 @@ def _run(args, comm: Comm) -> int:
     total = len(plan.pending)
     if comm.rank == 0:
         procs = f", {comm.world} process{'es' if comm.world > 1 else ''} over {comm.backend}" if comm.enabled else ""
-        print(f"{_count(len(plan.refs), 'reference')} x {args.num} samples: {total} to make, {plan.skipped} already in {out}"
+        print(f"{plural(len(plan.refs), 'reference')} x {args.num} samples: {total} to make, {plan.skipped} already in {out}"
               f" (batch size {args.batch_size}{procs}, device {comm.device.type})", flush=True)
         if plan.ignored:
-            print(f"ignored {_count(plan.ignored, 'non-image file')} in {ref_dir} (images are "
-                  f"{', '.join(sorted(IMAGE_SUFFIXES))})", flush=True)
+            print(f"ignored {plural(plan.ignored, 'non-image file')} in {ref_dir} (images are {IMAGE_SUFFIX_TEXT})",
+                  flush=True)
         if plan.removed_temp:
             print(f"removed {plan.removed_temp} unfinished temp file(s) of an interrupted run", flush=True)
         if plan.first_done:
@@ -426,9 +422,8 @@ def _run(args, comm: Comm) -> int:
             if len(reasons) > MAX_LISTED_FAILURES:
                 print(f"  ... and {len(reasons) - MAX_LISTED_FAILURES} more", file=sys.stderr)
         rate = done_all / elapsed if elapsed > 0 else 0.0
-        print(f"done {done_all}, skipped {plan.skipped}, failed {failed_all} ({len(reasons)} unreadable "
-              f"reference{'s' if len(reasons) != 1 else ''}) in {elapsed:.1f} s: {rate:.2f} images/s -> {out}",
-              flush=True)
+        print(f"done {done_all}, skipped {plan.skipped}, failed {failed_all} ({plural(len(reasons), 'unreadable reference')})"
+              f" in {elapsed:.1f} s: {rate:.2f} images/s -> {out}", flush=True)
     # every rank knows failed_all; none exits before rank 0 has printed the summary (torchrun stops the
     # other workers as soon as one exits with an error)
     comm.barrier()

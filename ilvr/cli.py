@@ -251,7 +251,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from .images import load_reference, open_image, save_animation, save_png, tensor_to_pil
+    from .images import load_reference, open_image, plural, save_animation, save_png, tensor_to_pil
     from .loading import load_model
     from .filters import check_factor
     from .registry import scaled_factor
@@ -330,7 +330,7 @@ def cmd_sample(args) -> int:
                 if args.save_process:
                     save_animation(frames[j] + [tensor_to_pil(img)], out / f"{name}_{k}_process.gif")
     bar.close()
-    print(f"wrote {total} image{'s' if total != 1 else ''} to {out}"
+    print(f"wrote {plural(total, 'image')} to {out}"
           + (f" ({replaced} replaced files of an earlier run)" if replaced else ""))
     return 0
 

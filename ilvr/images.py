@@ -15,6 +15,12 @@ MAX_PIXELS = 64_000_000  # bigger than any real photo; guards against decompress
 SETTINGS_KEY = "ilvr"
 # what training and `sample --ref-dir` take as images (other files in those folders are ignored)
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+IMAGE_SUFFIX_TEXT = ", ".join(sorted(IMAGE_SUFFIXES))  # for messages: "images are .bmp, .gif, ..."
+
+
+def plural(n: int, noun: str) -> str:
+    """'1 image', '2 images': counts in messages."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 class ImageError(ValueError):

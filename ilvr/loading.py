@@ -103,7 +103,9 @@ def _train_state_metadata(obj: Any) -> dict[str, str]:
     if not (isinstance(obj, Mapping) and isinstance(obj.get("unet"), Mapping) and isinstance(obj.get("ema"), Mapping)
             and "step" in obj):
         return {}
-    diffusion = obj.get("diffusion") or DiffusionConfig(variance_type="fixed_small").to_dict()  # what train uses
+    from .train import training_diffusion  # here: train imports this module
+
+    diffusion = obj.get("diffusion") or training_diffusion().to_dict()
     config = {"format": "ilvr", "unet": dict(obj["unet"]), "diffusion": dict(diffusion),
               "training": {"steps": int(obj["step"]), "source": "training state (EMA weights, fp32)"}}
     return {"ilvr_config": json.dumps(config)}

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .batch import is_image_name, list_files
-from .images import IMAGE_SUFFIXES, ImageError, image_mode, open_image, square_resize  # ilvr.train.IMAGE_SUFFIXES too
+from .images import IMAGE_SUFFIX_TEXT, ImageError, image_mode, open_image, plural, square_resize
 from .loading import resolve_device
 from .network import UNet, UNetConfig, count_parameters
 from .schedule import DiffusionConfig, Schedule
@@ -65,14 +65,16 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)
 
 
+def training_diffusion() -> DiffusionConfig:
+    """The diffusion every model of ours is trained with (1000 linear betas, epsilon, fixed-small
+    variance); a training state written before it recorded this is read with it (ilvr.loading)."""
+    return DiffusionConfig(variance_type="fixed_small")
+
+
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C during training, raised after the state was saved and the user was told how to resume."""
 
     reported = True
-
-
-def _plural(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def find_images(folder: str | os.PathLike, exclude: str | os.PathLike | None = None) -> list[Path]:
@@ -95,7 +97,7 @@ def load_dataset(folder: str | os.PathLike, size: int, channels: int = 3,
             continue
         tensors.append(torch.from_numpy(np.array(img, dtype=np.uint8).reshape(size, size, channels)).permute(2, 0, 1))
     if not tensors:
-        raise ValueError(f"no readable images in {folder} (images are {', '.join(sorted(IMAGE_SUFFIXES))}; "
+        raise ValueError(f"no readable images in {folder} (images are {IMAGE_SUFFIX_TEXT}; "
                          "hidden files and the --out folder are skipped)")
     if skipped:
         shown = skipped[:5]
@@ -292,7 +294,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
                           model_channels=cfg.model_channels, channel_mult=cfg.channel_mult,
                           num_res_blocks=cfg.num_res_blocks, attention_levels=cfg.attention_levels,
                           num_head_channels=cfg.num_head_channels)
-    diffusion = DiffusionConfig(variance_type="fixed_small")
+    diffusion = training_diffusion()
     if not Path(cfg.data).is_dir():  # before a state is read: no wait for this error
         raise FileNotFoundError(f"training data folder not found: {cfg.data}")
     if out.resolve() == Path(cfg.data).resolve():
@@ -340,12 +342,12 @@ def _train(cfg: TrainConfig, out: Path, unet_cfg: UNetConfig, diffusion: Diffusi
     if cfg.max_minutes and elapsed_before >= cfg.max_minutes * 60:
         reached.append(f"--minutes {cfg.max_minutes:g}")
     if reached:
-        log(f"already trained {_plural(step, 'step')} / {elapsed_before / 60:.1f} min ({' and '.join(reached)}); "
+        log(f"already trained {plural(step, 'step')} / {elapsed_before / 60:.1f} min ({' and '.join(reached)}); "
             "nothing to do")
         return out / "model.safetensors"
 
     data = load_dataset(cfg.data, cfg.image_size, cfg.channels, exclude=out)
-    log(f"{_plural(len(data), 'training image')} from {cfg.data}, {cfg.image_size}px, device {device}")
+    log(f"{plural(len(data), 'training image')} from {cfg.data}, {cfg.image_size}px, device {device}")
     log(f"model: {count_parameters(model) / 1e6:.2f} M parameters")
     schedule = Schedule.from_config(diffusion)
     abar = torch.tensor(schedule.alphas_cumprod, dtype=torch.float32, device=device)
