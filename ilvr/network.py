@@ -112,8 +112,31 @@ class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in fp32 whatever the input dtype, as ADM does (fp16 norms drift)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and torch.compiler.is_compiling():
+            return self._by_channel(x)
         return F.group_norm(x.float(), self.num_groups, self.weight.float() if self.weight is not None else None,
                             self.bias.float() if self.bias is not None else None, self.eps).to(x.dtype)
+
+    def _by_channel(self, x: torch.Tensor) -> torch.Tensor:
+        """The same norm from per-channel mean and variance, combined per group. Compiled on CUDA, Inductor
+        keeps activations channels-last, where a group's values are strided but a channel's statistics
+        are contiguous column reductions: the UNet call of the 256 px ADM at batch 8 took 12.3 ms
+        instead of 16.1 ms on an H100 (scripts/gpu_step_breakdown.py). Eager and CPU keep F.group_norm's
+        fused kernel, which is faster there."""
+        n, c, groups = x.shape[0], x.shape[1], self.num_groups
+        xf = x.float()
+        var_c, mean_c = torch.var_mean(xf, dim=tuple(range(2, x.dim())), correction=0)
+        mean_c, var_c = mean_c.view(n, groups, -1), var_c.view(n, groups, -1)
+        mean_g = mean_c.mean(-1)
+        # within-channel plus between-channel variance: exact, and no E[x^2] - mean^2 cancellation
+        var_g = var_c.mean(-1) + (mean_c - mean_g[..., None]).square().mean(-1)
+        inv = torch.rsqrt(var_g + self.eps).repeat_interleave(c // groups, dim=1)
+        scale = inv if self.weight is None else inv * self.weight.float()
+        shift = -mean_g.repeat_interleave(c // groups, dim=1) * scale
+        if self.bias is not None:
+            shift = shift + self.bias.float()
+        view = (n, c) + (1,) * (x.dim() - 2)
+        return (xf * scale.view(view) + shift.view(view)).to(x.dtype)
 
 
 def _norm(channels: int, cfg: UNetConfig) -> GroupNorm32:

@@ -7,7 +7,7 @@
 #   PARTS="tests bench" bash scripts/gpu_check.sh
 #   PARTS=profile bash scripts/gpu_check.sh       # where a compiled batch-1 ADM step's time goes (not in the default)
 #   PARTS=autotune bash scripts/gpu_check.sh      # batch 8 with Inductor's max-autotune (not in the default: minutes of tuning)
-#   PARTS=breakdown bash scripts/gpu_check.sh     # batch-8 compiled kernels by kind + NCHW/NHWC and GroupNorm A/B (~4 min)
+#   PARTS=breakdown bash scripts/gpu_check.sh     # batch-8 compiled kernels by kind + NCHW/NHWC and GroupNorm A/B (~3 min)
 #
 # The benchmark needs resize-right for its plain loop; on a machine without package access, put its
 # wheel in .whl/ first (`pip download resize-right==0.0.2 -d .whl`) and this script installs it.

@@ -1,14 +1,15 @@
-"""Where a compiled batch-8 UNet call of the 256 px ADM spends its GPU time, and two layout A/Bs.
+"""Where a compiled batch-8 UNet call of the 256 px ADM spends its GPU time, and layout/GroupNorm A/Bs.
 
-The compiled fp16 FFHQ-P2 UNet runs a batch-8 step in about 18 ms on an H100, yet its 3.1 TFLOP of
-convolutions would take about 4.4 ms at the rate cuDNN reaches on its largest convolution. This
-script prints the kernel time per category (convolutions, Triton reductions = the norms, Triton
-pointwise, layout copies) and the top kernels, then times the UNet call (with our CUDA graph) for:
+Prints the kernel time per category (convolutions, Triton reductions = the norms, Triton pointwise,
+layout copies) and the top kernels of one compiled fp16 FFHQ-P2 UNet call, the plain ILVR loop's
+step for scale, then times the UNet call (with our CUDA graph) for:
   * Inductor's default NHWC layout optimisation against plain NCHW, and
-  * GroupNorm as F.group_norm against statistics taken per channel first, which are contiguous
-    column reductions in NHWC (the variant is monkeypatched here; nothing in ilvr/ changes).
+  * GroupNorm from per-channel statistics (what ``GroupNorm32`` does when compiled on CUDA) against
+    F.group_norm, whose group reductions are strided in NHWC (patched here for the A/B only).
+On an H100 (benchmarks/2026-11-26/h100_s12_breakdown.log): 16.1 ms with F.group_norm, 12.3 ms with
+per-channel statistics. Inductor's coordinate-descent tuning did not finish compiling in 4 minutes.
 
-    python scripts/gpu_step_breakdown.py                      # on a GPU, about 4 minutes
+    python scripts/gpu_step_breakdown.py                      # on a GPU, about 3 minutes
     python scripts/gpu_step_breakdown.py --device cpu --smoke --no-compile   # checks the script itself
 """
 from __future__ import annotations
@@ -21,27 +22,23 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import ilvr.network as network  # noqa: E402
-from ilvr.bench import ffhq_p2_configs, make_fast, random_model  # noqa: E402
+from ilvr.bench import ffhq_p2_configs, make_fast, plain_ilvr, random_model, synthetic_reference  # noqa: E402
 
-F_GROUP_NORM = network.GroupNorm32.forward
+SHIPPED_GROUP_NORM = network.GroupNorm32.forward
 
 
 def group_norm_by_channel(self: network.GroupNorm32, x: torch.Tensor) -> torch.Tensor:
-    """The same GroupNorm from per-channel mean and variance, combined per group."""
-    n, c, groups = x.shape[0], x.shape[1], self.num_groups
-    xf = x.float()
-    var_c, mean_c = torch.var_mean(xf, dim=tuple(range(2, x.dim())), correction=0)
-    mean_g = mean_c.view(n, groups, -1).mean(-1)
-    var_g = (var_c + mean_c.square()).view(n, groups, -1).mean(-1) - mean_g.square()
-    inv = torch.rsqrt(var_g.clamp_min(0) + self.eps).repeat_interleave(c // groups, 1)
-    scale = inv * self.weight.float()
-    shift = self.bias.float() - mean_g.repeat_interleave(c // groups, 1) * scale
-    view = (n, c) + (1,) * (x.dim() - 2)
-    return (xf * scale.view(view) + shift.view(view)).to(x.dtype)
+    return self._by_channel(x)
+
+
+def f_group_norm(self: network.GroupNorm32, x: torch.Tensor) -> torch.Tensor:
+    """F.group_norm in fp32 everywhere, compiled or not (GroupNorm32 before the per-channel path)."""
+    return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
 
 
 def kernel_kind(name: str) -> str:
@@ -67,6 +64,7 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="a 32 px two-level UNet instead of the 256 px ADM")
     p.add_argument("--deadline", type=float, default=float("inf"), help="seconds after which A/B rows are skipped")
     p.add_argument("--rows", type=int, default=25)
+    p.add_argument("--plain-steps", type=int, default=10, help="steps of the plain loop to time (0: skip)")
     args = p.parse_args()
 
     start = time.perf_counter()
@@ -112,7 +110,7 @@ def main() -> None:
     try:
         if device.type == "cuda":
             from torch.profiler import ProfilerActivity, profile
-            model = build(F_GROUP_NORM, True, cuda_graphs=False)  # kernels one by one, as compiled
+            model = build(SHIPPED_GROUP_NORM, True, cuda_graphs=False)  # kernels one by one, as compiled
             time_call(model, reps=3, rounds=1)
             denoise, calls = model.denoiser(), 5
             with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -133,21 +131,35 @@ def main() -> None:
             for key, us in per_kernel.most_common(args.rows):
                 print(f"  {us / 1000:8.3f} ms {counts[key]:5.1f}x  {key[:110]}")
 
+        if args.plain_steps:  # the benchmark's baseline, to turn call times into ratios
+            ref = synthetic_reference(size)
+            seeds = list(range(args.batch))
+            plain_ilvr(base, ref, seeds=seeds, n_factor=4, steps=2)
+            sync()
+            t0 = time.perf_counter()
+            plain_ilvr(base, ref, seeds=seeds, n_factor=4, steps=args.plain_steps)
+            sync()
+            plain_ms = (time.perf_counter() - t0) / args.plain_steps * 1000
+            say(f"plain ILVR loop (fp32, resize-right): {plain_ms:.2f} ms per batch-{args.batch} step")
+        else:
+            plain_ms = float("nan")
+
         reference = None
-        for label, group_norm, layout in (("NHWC layout optimisation, F.group_norm (as shipped)", F_GROUP_NORM, True),
-                                          ("NCHW (layout optimisation off), F.group_norm", F_GROUP_NORM, False),
-                                          ("NHWC layout optimisation, GroupNorm by channel", group_norm_by_channel, True),
-                                          ("NCHW, GroupNorm by channel", group_norm_by_channel, False)):
+        rows = (("NHWC layout optimisation, GroupNorm by channel (as shipped)", group_norm_by_channel, True),
+                ("NHWC layout optimisation, F.group_norm", f_group_norm, True),
+                ("NCHW (layout optimisation off), F.group_norm", f_group_norm, False),
+                ("NCHW, GroupNorm by channel", group_norm_by_channel, False))
+        for label, group_norm, layout in rows:
             if time.perf_counter() - start > args.deadline:
                 say(f"skipped (deadline): {label}")
                 continue
             t0 = time.perf_counter()
             ms, out = time_call(build(group_norm, layout))
             reference = out if reference is None else reference
-            say(f"{label}: {ms:.3f} ms per batch-{args.batch} UNet call (setup {time.perf_counter() - t0:.0f} s), "
-                f"max |out - first row| {(out - reference).abs().max().item():.2e}")
+            say(f"{label}: {ms:.3f} ms per batch-{args.batch} UNet call = {ms / plain_ms:.3f}x the plain step "
+                f"(setup {time.perf_counter() - t0:.0f} s), max |out - first row| {(out - reference).abs().max().item():.2e}")
     finally:
-        network.GroupNorm32.forward = F_GROUP_NORM
+        network.GroupNorm32.forward = SHIPPED_GROUP_NORM
 
 
 if __name__ == "__main__":

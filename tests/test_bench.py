@@ -131,8 +131,8 @@ def test_timed_steps_are_full_runs_only_for_brief_cuda_runs():
     assert bench.timed_steps(12, cuda, 1) == 12
 
 
-def test_step_breakdown_group_norm_variant_is_the_same_norm():
-    """The GPU A/B script's per-channel GroupNorm must compute what F.group_norm does, or its timing says nothing."""
+def test_step_breakdown_group_norm_variants_are_the_same_norm():
+    """The GPU A/B script's two GroupNorms must compute what the shipped one does, or its timing says nothing."""
     spec = importlib.util.spec_from_file_location("gpu_step_breakdown",
                                                   Path(__file__).resolve().parents[1] / "scripts/gpu_step_breakdown.py")
     script = importlib.util.module_from_spec(spec)
@@ -143,5 +143,6 @@ def test_step_breakdown_group_norm_variant_is_the_same_norm():
         norm.bias.uniform_(-0.5, 0.5)
     x = torch.randn(3, 32, 9, 7, generator=torch.Generator().manual_seed(0)) * 3 + 2
     for layout in (torch.contiguous_format, torch.channels_last):
-        got = script.group_norm_by_channel(norm, x.to(memory_format=layout))
-        torch.testing.assert_close(got, script.F_GROUP_NORM(norm, x), atol=1e-5, rtol=1e-5)
+        for variant in (script.group_norm_by_channel, script.f_group_norm):
+            got = variant(norm, x.to(memory_format=layout))
+            torch.testing.assert_close(got, script.SHIPPED_GROUP_NORM(norm, x), atol=1e-5, rtol=1e-5)

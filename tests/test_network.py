@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ilvr.loading import diffusers_to_adm, unet_config_from_diffusers
-from ilvr.network import UNet, UNetConfig, count_parameters, timestep_embedding
+from ilvr.network import GroupNorm32, UNet, UNetConfig, count_parameters, timestep_embedding
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -220,6 +220,43 @@ def test_unet_traces_into_one_graph_for_torch_compile():
         torch._dynamo.reset()
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("shape,layout", [((2, 64, 9, 7), torch.contiguous_format),
+                                          ((2, 64, 9, 7), torch.channels_last), ((2, 64, 15), None)])
+def test_group_norm_by_channel_is_the_same_norm(affine, shape, layout):
+    """The compiled-CUDA GroupNorm (per-channel statistics, combined per group) must be GroupNorm, also
+    where activations sit far from zero (mean 50, std 0.5): checked against F.group_norm in float64,
+    since CPU's fp32 channels-last F.group_norm is itself off by 1e-2 there."""
+    norm = GroupNorm32(32, 64, affine=affine)
+    if affine:
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
+    g = torch.Generator().manual_seed(0)
+    offsets = torch.randn(1, 64, *([1] * (len(shape) - 2)), generator=g) * 3
+    for x in (torch.randn(shape, generator=g) * 3 + offsets, torch.randn(shape, generator=g) * 0.5 + 50):
+        x = x.to(memory_format=layout) if layout is not None else x
+        weight, bias = (norm.weight.double(), norm.bias.double()) if affine else (None, None)
+        expected = torch.nn.functional.group_norm(x.double(), 32, weight, bias, norm.eps)
+        got = norm._by_channel(x)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), expected, atol=5e-5, rtol=1e-5)
+        half = norm._by_channel(x.half())
+        assert half.dtype == torch.float16
+        expected_half = torch.nn.functional.group_norm(x.half().double(), 32, weight, bias, norm.eps)
+        torch.testing.assert_close(half.double(), expected_half, atol=4e-3, rtol=1e-3)
+
+
+def test_group_norm_by_channel_traces_without_graph_breaks():
+    norm = GroupNorm32(32, 64)
+    torch._dynamo.reset()
+    try:
+        explanation = torch._dynamo.explain(norm._by_channel)(torch.randn(2, 64, 8, 8))
+    finally:
+        torch._dynamo.reset()
+    assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
 @pytest.mark.parametrize("change,message", [
