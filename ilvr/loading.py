@@ -29,7 +29,7 @@ from .model import DiffusionModel, inference_unet
 from .network import UNet, UNetConfig
 from .onnx_cpu import cpu_backend as cpu_backend_choice
 from .onnx_cpu import cpu_runtime_for
-from .schedule import DiffusionConfig
+from .schedule import DiffusionConfig, guided_diffusion_betas
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINTS_DIR = PROJECT_ROOT / "checkpoints"
@@ -49,13 +49,18 @@ def hub_cache_dir() -> Path:
     return _user_hf_cache() or CHECKPOINTS_DIR / "hub"
 
 
+_HF_CACHE_VARIABLES = ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME")
+
+
 def _user_hf_cache() -> Path | None:
-    """huggingface_hub's cache folder, when the environment names one."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    return None
+    """huggingface_hub's cache folder, when the environment names one (its own precedence; read now, where
+    huggingface_hub.constants froze the environment at import)."""
+    env = {name: os.environ[name] for name in _HF_CACHE_VARIABLES if os.environ.get(name)}
+    if not env:
+        return None
+    home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    folder = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
+    return Path(os.path.expandvars(folder)).expanduser()
 
 
 # ----------------------------------------------------------------------------- reading weights
@@ -248,6 +253,7 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any]) -> UNetConfig:
         "norm_num_groups": not isinstance(groups, int),
         "attn_norm_num_groups": mid_groups is not None and mid_groups != groups,
         "class_embed_type": cfg.get("class_embed_type") is not None,
+        "mid_block_scale_factor": cfg.get("mid_block_scale_factor", 1) != 1,
     }
     bad = [f"{k}={cfg.get(k)!r}" for k, v in unsupported.items() if v]
     if mid_groups is None:
@@ -374,7 +380,8 @@ def diffusion_from_scheduler(cfg: Mapping[str, Any]) -> DiffusionConfig:
     if cfg.get("trained_betas"):
         raise ModelLoadError("scheduler_config.json with trained_betas is not supported")
     variance = cfg.get("variance_type", "fixed_small")
-    variance = {"fixed_small_log": "fixed_small"}.get(variance, variance)  # diffusers samples both alike
+    # diffusers samples the _log variants alike (the same variance, clipped or logged differently)
+    variance = {"fixed_small_log": "fixed_small", "fixed_large_log": "fixed_large"}.get(variance, variance)
     unsupported = {
         "variance_type": variance == "learned",  # the log variance itself, not learned_range's interpolation
         "thresholding": bool(cfg.get("thresholding", False)),
@@ -435,9 +442,12 @@ def build_from_files(weights: Path, config: dict[str, Any] | None = None,
     if attention_order not in ("legacy", "new"):
         raise ModelLoadError(f"attention_order must be 'legacy' or 'new' (ADM's use_new_attention_order), "
                              f"got {attention_order!r}")
-    if num_heads and num_head_channels:
+    if num_heads is not None and num_head_channels is not None:
         raise ModelLoadError("give num_heads (the same head count at every level) or num_head_channels (channels "
                              "per head), not both")
+    for name, value in (("num_heads", num_heads), ("num_head_channels", num_head_channels)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise ModelLoadError(f"{name} must be a whole number above 0, got {value!r}")
 
     try:  # a hand-edited config or a bad option fails here with a message, not deep inside sampling
         if config is not None and config.get("format") == "ilvr":
@@ -445,9 +455,9 @@ def build_from_files(weights: Path, config: dict[str, Any] | None = None,
             diffusion = DiffusionConfig.from_dict(config.get("diffusion", {}))
             family = "ilvr"
         elif "input_blocks.0.0.weight" in sd:
-            unet_cfg = infer_adm_config(sd, -1 if num_heads else int(num_head_channels or 64), image_size)
+            unet_cfg = infer_adm_config(sd, -1 if num_heads else num_head_channels or 64, image_size)
             if num_heads:
-                unet_cfg.num_heads = int(num_heads)
+                unet_cfg = replace(unet_cfg, num_heads=num_heads)
             if attention_order == "new":
                 sd = new_to_legacy_qkv(sd, unet_cfg)
             diffusion = DiffusionConfig(variance_type="learned_range" if unet_cfg.learn_sigma else "fixed_large")
@@ -477,6 +487,8 @@ def build_from_files(weights: Path, config: dict[str, Any] | None = None,
                                  "num_heads are only for guided-diffusion .pt files, which do not")
         if diffusion_overrides:
             diffusion = DiffusionConfig.from_dict({**diffusion.to_dict(), **diffusion_overrides})
+        if family == "adm" and not {"beta_start", "beta_end"} & set(diffusion_overrides):
+            diffusion = guided_diffusion_betas(diffusion)  # e.g. num_train_timesteps=4000 (improved-diffusion)
     except ModelLoadError:
         raise
     except (TypeError, ValueError, KeyError, IndexError, ZeroDivisionError) as e:
@@ -591,26 +603,35 @@ def download_from_hub(repo_id: str, filename: str | None = None, revision: str |
                 raise
             return Path(hf_hub_download(repo_id, name, revision=revision, cache_dir=other_cache, local_files_only=True))
 
-    try:
-        if filename:
-            return fetch(filename)
-        config = fetch("config.json")
+    def fetch_model(prefix: str, scheduler: str) -> Path:
+        """config.json, the scheduler config if the repo has one, and the weights; returns their folder."""
+        config = fetch(prefix + "config.json")
         try:
-            fetch("scheduler_config.json")
+            fetch(scheduler)
         except EntryNotFoundError as e:
             if isinstance(e, LocalEntryNotFoundError):  # a subclass: offline, not "absent from the repo"
                 raise
         for weights in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
             try:
-                fetch(weights)
+                fetch(prefix + weights)
                 break
             except EntryNotFoundError as e:
                 if isinstance(e, LocalEntryNotFoundError):
                     raise
-                continue
         else:
-            raise ModelLoadError(f"{repo_id} has a config.json but no diffusion_pytorch_model weights")
+            raise ModelLoadError(f"{repo_id} has a {prefix}config.json but no {prefix}diffusion_pytorch_model weights")
         return config.parent
+
+    try:
+        if filename:
+            return fetch(filename)
+        try:
+            return fetch_model("", "scheduler_config.json")
+        except EntryNotFoundError as flat_missing:  # also raised offline for a file not in the cache
+            try:  # a pipeline repo: model_index.json + unet/ + scheduler/ (load_local reads that layout)
+                return fetch_model("unet/", "scheduler/scheduler_config.json").parent
+            except EntryNotFoundError:
+                raise flat_missing from None
     except GatedRepoError as e:
         raise ModelLoadError(f"{repo_id} is gated: accept its terms on huggingface.co and log in "
                              "(`huggingface-cli login` or HF_TOKEN)") from e

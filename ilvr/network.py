@@ -60,9 +60,14 @@ class UNetConfig:
         if self.image_size % 2 ** (levels - 1):
             raise ValueError(f"image size {self.image_size} must be divisible by {2 ** (levels - 1)}: each of the "
                              f"{levels} levels after the first halves it")
-        widths = sorted({int(self.model_channels * m) for m in self.channel_mult})
+        widths = sorted({self.width(m) for m in self.channel_mult})
         if any(w % self.norm_groups for w in widths):
             raise ValueError(f"channel counts {widths} must be multiples of the {self.norm_groups} GroupNorm groups")
+
+    def width(self, mult: float) -> int:
+        """Channels at a level with this multiplier: rounded, so a fractional multiplier read back from
+        a diffusers config (480 / 352 * 352 = 479.99...) gives 480, as guided-diffusion's exact ones do."""
+        return round(self.model_channels * mult)
 
     def heads(self, channels: int) -> int:
         """Attention heads at a level with this many channels."""
@@ -268,13 +273,13 @@ class UNet(nn.Module):
         if cfg.num_classes is not None:
             self.label_emb = nn.Embedding(cfg.num_classes, emb_ch)
 
-        ch = int(cfg.channel_mult[0] * mc)
+        ch = cfg.width(cfg.channel_mult[0])
         self.input_blocks = nn.ModuleList([TimestepSequential(nn.Conv2d(cfg.in_channels, ch, 3, padding=1))])
         skip_channels = [ch]
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
-                layers: list[nn.Module] = [ResBlock(ch, emb_ch, int(mult * mc), cfg)]
-                ch = int(mult * mc)
+                layers: list[nn.Module] = [ResBlock(ch, emb_ch, cfg.width(mult), cfg)]
+                ch = cfg.width(mult)
                 if level in cfg.attention_levels:
                     layers.append(AttentionBlock(ch, cfg))
                 self.input_blocks.append(TimestepSequential(*layers))
@@ -290,8 +295,8 @@ class UNet(nn.Module):
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
-                layers = [ResBlock(ch + skip_channels.pop(), emb_ch, int(mult * mc), cfg)]
-                ch = int(mult * mc)
+                layers = [ResBlock(ch + skip_channels.pop(), emb_ch, cfg.width(mult), cfg)]
+                ch = cfg.width(mult)
                 if level in cfg.attention_levels:
                     layers.append(AttentionBlock(ch, cfg))
                 if level and i == cfg.num_res_blocks:

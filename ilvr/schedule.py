@@ -7,7 +7,7 @@ and t=T) and only cast to tensors at use. A respaced schedule is just another ``
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -52,13 +52,21 @@ class DiffusionConfig:
 
 def make_betas(cfg: DiffusionConfig) -> np.ndarray:
     T = cfg.num_train_timesteps
-    if cfg.beta_schedule == "linear":
-        # guided-diffusion scales the 1000-step endpoints so other T keep the same total noise
-        scale = 1000 / T
-        return np.linspace(scale * cfg.beta_start, scale * cfg.beta_end, T, dtype=np.float64)
+    if cfg.beta_schedule == "linear":  # the endpoints as given, as diffusers uses them (see guided_diffusion_betas)
+        return np.linspace(cfg.beta_start, cfg.beta_end, T, dtype=np.float64)
     steps = np.arange(T + 1, dtype=np.float64) / T
     abar = np.cos((steps + 0.008) / 1.008 * math.pi / 2) ** 2
     return np.minimum(1 - abar[1:] / abar[:-1], 0.999)
+
+
+def guided_diffusion_betas(cfg: DiffusionConfig) -> DiffusionConfig:
+    """guided-diffusion's linear schedule for T steps: the 1000-step endpoints (1e-4, 0.02) scaled by
+    1000 / T, so other T keep the same total noise. diffusers takes beta_start/beta_end literally, so
+    only guided-diffusion models get this (their files record no schedule)."""
+    if cfg.beta_schedule != "linear":
+        return cfg
+    scale = 1000 / cfg.num_train_timesteps
+    return replace(cfg, beta_start=1e-4 * scale, beta_end=0.02 * scale)
 
 
 def space_timesteps(num_timesteps: int, spec: str | int) -> list[int]:

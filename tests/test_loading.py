@@ -7,6 +7,7 @@ import pickle
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -172,6 +173,8 @@ USER_CONFIGS = {
                               up_block_types=["AttnUpBlock2D", "ResnetUpsampleBlock2D"],
                               downsample_type="resnet", upsample_type="resnet"),
     "grayscale": dict(_TWO_LEVELS, in_channels=1, out_channels=1, norm_num_groups=16),
+    # 120 / 88 * 88 = 119.99...: a width that must round, not truncate, back to 120
+    "fractional-widths": dict(_TWO_LEVELS, block_out_channels=[88, 120], norm_num_groups=8),
 }
 
 
@@ -204,6 +207,7 @@ def test_user_diffusers_configs_match_diffusers(tmp_path, name):
     (dict(down_block_types=["DownBlock2D", "AttnSkipDownBlock2D"]), "AttnSkipDownBlock2D"),
     (dict(sample_size=[16, 32]), "16x32 images; only square"),
     (dict(norm_num_groups=None), "norm_num_groups=None"),
+    (dict(mid_block_scale_factor=2.0), "mid_block_scale_factor=2.0"),
 ])
 def test_diffusers_options_we_do_not_compute_are_refused(change, named):
     """Options our UNet does not compute the same way are refused by name: several used to load and sample
@@ -260,6 +264,7 @@ def _fake_hub_cache(cache: Path, repo_id: str, files: dict[str, Path]) -> None:
     snap = repo / "snapshots" / rev
     snap.mkdir(parents=True)
     for name, src in files.items():
+        (snap / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(src, snap / name)
 
 
@@ -431,8 +436,8 @@ def test_huggingface_cache_variables_are_honoured(tmp_path, monkeypatch):
     from ilvr.loading import hub_cache_dir
 
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
-    monkeypatch.delenv("ILVR_CACHE", raising=False)
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    for name in ("ILVR_CACHE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     assert hub_cache_dir() == tmp_path / "hf" / "hub"
     folder, _ = _diffusers_folder(tmp_path)
@@ -444,6 +449,89 @@ def test_huggingface_cache_variables_are_honoured(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HOME")
     monkeypatch.delenv("ILVR_CACHE")
     assert hub_cache_dir().parts[-2:] == ("checkpoints", "hub")
+    # huggingface_hub's other variables, with its precedence: HF_HUB_CACHE > HUGGINGFACE_HUB_CACHE > HF_HOME > XDG
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert hub_cache_dir() == tmp_path / "xdg" / "huggingface" / "hub"
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    assert hub_cache_dir() == tmp_path / "home" / "hub"
+    monkeypatch.setenv("HUGGINGFACE_HUB_CACHE", str(tmp_path / "old-name"))
+    assert hub_cache_dir() == tmp_path / "old-name"
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "new-name"))
+    assert hub_cache_dir() == tmp_path / "new-name"
+
+
+def test_a_model_in_the_xdg_cache_is_found_offline(tmp_path, monkeypatch):
+    """A model that diffusers downloaded under XDG_CACHE_HOME is used offline even with ILVR_CACHE elsewhere."""
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    for name in ("HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("ILVR_CACHE", str(tmp_path / "empty"))
+    folder, _ = _diffusers_folder(tmp_path)
+    _fake_hub_cache(tmp_path / "xdg" / "huggingface" / "hub", "google/ddpm-ema-tiny-32",
+                    {p.name: p for p in folder.iterdir()})
+    assert load_model("google/ddpm-ema-tiny-32", device="cpu").image_size == 32
+
+
+def _pipeline_files(folder: Path) -> dict[str, Path]:
+    """A diffusers pipeline repo's layout: model_index.json, unet/, scheduler/."""
+    index = folder.parent / "model_index.json"
+    index.write_text(json.dumps({"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"],
+                                 "scheduler": ["diffusers", "DDPMScheduler"]}))
+    files = {"model_index.json": index, "scheduler/scheduler_config.json": folder / "scheduler_config.json"}
+    files.update({f"unet/{p.name}": p for p in folder.iterdir() if p.name != "scheduler_config.json"})
+    return files
+
+
+def test_hub_pipeline_repo_with_unet_and_scheduler_folders(tmp_path, monkeypatch):
+    """Early google/ddpm-* revisions (and DDPMPipeline.save_pretrained) keep the UNet in unet/ and the
+    scheduler in scheduler/: found in the cache offline, with the pipeline's scheduler."""
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    folder, ref = _diffusers_folder(tmp_path)
+    sched = json.loads((folder / "scheduler_config.json").read_text())
+    (folder / "scheduler_config.json").write_text(json.dumps({**sched, "beta_schedule": "squaredcos_cap_v2"}))
+    cache = tmp_path / "hub"
+    _fake_hub_cache(cache, "someone/ddpm-pipeline-32", _pipeline_files(folder))
+    model = load_model("someone/ddpm-pipeline-32", device="cpu", cache_dir=cache)
+    assert model.diffusion.beta_schedule == "cosine"  # read from scheduler/, not the defaults
+    x, t = torch.randn(1, 3, 32, 32), torch.tensor([5])
+    with torch.no_grad():
+        assert (model.unet(x, t) - ref(x, t).sample).abs().max() <= 1e-4
+    with pytest.raises(ModelLoadError, match="offline mode.*not in the cache"):  # a repo not cached at all
+        load_model("someone/not-cached", device="cpu", cache_dir=cache)
+
+
+def test_hub_pipeline_repo_is_downloaded_from_its_subfolders(tmp_path, monkeypatch):
+    """Online: a 404 for config.json at the top means a pipeline layout is tried, not a wrong message."""
+    from huggingface_hub.errors import EntryNotFoundError
+
+    import ilvr.loading as loading
+
+    folder, _ = _diffusers_folder(tmp_path)
+    remote = _pipeline_files(folder)
+    asked = []
+
+    def hub_download(repo_id, filename, *, revision=None, cache_dir=None, local_files_only=False):
+        asked.append(filename)
+        if filename not in remote:
+            raise EntryNotFoundError(f"404: {filename}")
+        target = Path(cache_dir) / "snap" / filename
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(remote[filename], target)
+        return str(target)
+
+    monkeypatch.setattr(loading, "_hub_unreachable", lambda: None)
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", hub_download)
+    model = load_model("someone/ddpm-pipeline-32", device="cpu", cache_dir=tmp_path / "cache")
+    assert model.image_size == 32 and asked[0] == "config.json" and "unet/config.json" in asked
+    assert "scheduler/scheduler_config.json" in asked
+    remote.clear()
+    with pytest.raises(ModelLoadError, match="has no file 'config.json'"):
+        load_model("someone/raw-checkpoints", device="cpu", cache_dir=tmp_path / "cache2")
 
 
 def test_a_training_state_loads_with_its_own_settings(tmp_path):
@@ -466,3 +554,45 @@ def test_a_training_state_loads_with_its_own_settings(tmp_path):
     b = sample(state, None, seeds=[0], steps="5")
     assert (a - b).abs().max() < 0.02  # the export is the same EMA weights in fp16
     assert state.describe()["training"]["steps"] == 2 and exported.describe()["training"]["steps"] == 2
+
+
+@pytest.mark.parametrize("steps", [500, 2000])
+def test_diffusers_linear_betas_are_taken_as_written(tmp_path, steps):
+    """diffusers uses beta_start/beta_end as given for any num_train_timesteps; guided-diffusion's 1000/T
+    scaling applied to them gave another noise schedule (alpha-bar_T 4e-5 instead of 2e-9 at T=2000)."""
+    folder, _ = _diffusers_folder(tmp_path)
+    path = folder / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "num_train_timesteps": steps,
+                                "variance_type": "fixed_large_log"}))
+    model = load_model(folder, device="cpu", cpu_backend="torch")
+    np.testing.assert_allclose(model.schedule.betas, np.linspace(1e-4, 0.02, steps), rtol=1e-12)
+    assert model.diffusion.variance_type == "fixed_large"  # diffusers samples fixed_large_log alike
+    diffusers = pytest.importorskip("diffusers")
+    reference = diffusers.DDPMScheduler(num_train_timesteps=steps).betas.double().numpy()
+    np.testing.assert_allclose(model.schedule.betas, reference, rtol=1e-6)
+
+
+def test_guided_diffusion_betas_scale_with_the_step_count(tmp_path):
+    """improved-diffusion/guided-diffusion .pt files record no schedule: theirs is linear 1e-4..0.02 at
+    1000 steps, scaled by 1000/T for other T (num_train_timesteps=4000 for the 4000-step models)."""
+    unet = UNet(PLAIN_64)
+    pt = tmp_path / "model.pt"
+    torch.save(unet.state_dict(), pt)
+    default = load_model(pt, device="cpu", cpu_backend="torch", num_head_channels=32)
+    np.testing.assert_allclose(default.schedule.betas, np.linspace(1e-4, 0.02, 1000), rtol=1e-12)
+    long = load_model(pt, device="cpu", cpu_backend="torch", num_head_channels=32, num_train_timesteps=4000)
+    np.testing.assert_allclose(long.schedule.betas, np.linspace(2.5e-5, 0.005, 4000), rtol=1e-12)
+    given = load_model(pt, device="cpu", cpu_backend="torch", num_head_channels=32, num_train_timesteps=4000,
+                       beta_start=1e-4, beta_end=0.02)  # endpoints the user gives are taken as written
+    np.testing.assert_allclose(given.schedule.betas, np.linspace(1e-4, 0.02, 4000), rtol=1e-12)
+
+
+@pytest.mark.parametrize("option", [dict(num_heads=0), dict(num_head_channels=0), dict(num_heads=-4),
+                                    dict(num_head_channels=2.5), dict(num_heads=True)])
+def test_head_options_must_be_whole_numbers_above_zero(tmp_path, option):
+    """0 used to be ignored silently (64-channel heads) and -4 failed at the first forward pass."""
+    pt = tmp_path / "model.pt"
+    torch.save(UNet(PLAIN_64).state_dict(), pt)
+    name = next(iter(option))
+    with pytest.raises(ModelLoadError, match=f"{name} must be a whole number above 0"):
+        load_model(pt, device="cpu", cpu_backend="torch", **option)
