@@ -87,6 +87,10 @@ ALLOW_MODEL_PATHS = S.model_paths_allowed()  # ILVR_ALLOW_MODEL_PATHS; off on Sp
 OUTPUTS, OUTPUTS_WARNING = S.resolve_output_root()  # checked once, at startup; None: nothing writable
 DEFAULT_SIZE = BY_NAME[DEFAULT_MODEL].image_size
 LONG_RUN_S = 15 * 60  # warn before runs estimated longer than this
+# browser sessions whose state Gradio keeps (least recently used dropped first). Each holds a copy of the
+# UI's config, about 0.75 MB here; Gradio's default of 10,000 would let a public Space grow to gigabytes.
+# The app keeps no per-session state of its own (no gr.State), so a dropped session loses nothing.
+SESSIONS_KEPT = 500
 STEP_CHOICES = ["10", "25", "50", "100", "250", "500", "1000", "ddim50", "ddim100"]
 BRUSH_COLORS = ["#202020", "#ffffff", "#e8283c", "#ff8c1a", "#ffcc33", "#5cb85c", "#2f7de1", "#9b59b6",
                 "#f5a3c7", "#8b5a2b", "#f1c27d", "#c68642"]
@@ -206,7 +210,9 @@ def _stream(job_fn, choice: str, path: str, request: gr.Request | None, progress
     n_images = len(job.rows) * len(job.seeds)
     header = (f"Sampling {n_images} image{'s' if n_images > 1 else ''} × {validate_steps(model, job.steps)} steps "
               f"on {S.device_label(model)}: estimated {S.estimate_text(estimate)}.")
-    yield gr.skip(), gr.skip(), gr.skip(), header
+    # None, not gr.skip(), for the result outputs: in Gradio 6 every skip of an output left a copy of that
+    # component in the session (about 0.15 MB per run, for as long as the session is kept)
+    yield None, None, None, header
     session = _stop_key(request, job.task)
     stop = STOPS.register(session)
     runner = S.run_job(model, job, stop)
@@ -220,10 +226,10 @@ def _stream(job_fn, choice: str, path: str, request: gr.Request | None, progress
             progress((update.done, update.total), desc=update.desc, unit="steps")
             eta = f" · about {S.estimate_text(update.eta_s).removeprefix('about ')} left" if update.eta_s else ""
             bar = S.text_bar(update.done, update.total)
-            yield update.preview, gr.skip(), gr.skip(), f"{header}\n\n{bar} {update.desc}{eta}"
+            yield update.preview, None, None, f"{header}\n\n{bar} {update.desc}{eta}"
     except Cancelled:
         gr.Warning("Sampling cancelled.")
-        yield gr.skip(), gr.skip(), gr.skip(), "Cancelled."
+        yield None, None, None, "Cancelled."
         return
     except ValueError as e:
         raise user_error(_message(e), "Check the inputs") from e
@@ -554,7 +560,7 @@ def launch_options(foreign: list[Path]) -> dict:
         if blocked:
             blocked += [p.strip() for p in os.environ.get("GRADIO_BLOCKED_PATHS", "").split(",") if p.strip()]
     return dict(show_error=True, max_file_size="25mb", css=CSS, allowed_paths=allowed,
-                blocked_paths=blocked or None)
+                blocked_paths=blocked or None, state_session_capacity=SESSIONS_KEPT)
 
 
 def main(args: argparse.Namespace | None = None) -> None:

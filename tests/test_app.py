@@ -261,6 +261,44 @@ def test_cancel_stops_a_long_run(client):
     assert time.time() - start < 60
 
 
+SESSION_GROWTH_SCRIPT = """
+import json, os, sys
+import app
+from gradio_client import Client, handle_file
+demo = app.build_demo()
+demo.queue(default_concurrency_limit=1)
+demo.launch(server_name="127.0.0.1", server_port=int(sys.argv[1]), prevent_thread_lock=True, quiet=True,
+            **app.launch_options([]))
+client = Client(f"http://127.0.0.1:{sys.argv[1]}/", verbose=False)
+counts = []
+for _ in range(4):
+    client.predict("emoji64", "", handle_file(sys.argv[2]), 8, 1, "5", 0, "cubic", "ddpm", 0, api_name="/translate")
+    counts.append(sum(len(s.blocks_config.blocks) for s in demo.state_holder.session_data.values()))
+print("REPORT " + json.dumps({"counts": counts, "capacity": demo.state_holder.capacity, "kept": getattr(app, "SESSIONS_KEPT", None)}))
+demo.close()
+"""
+
+
+def test_runs_do_not_grow_the_session_kept_by_the_server(tmp_path):
+    """Each gr.skip() a run sent to its result outputs left a copy of the component in the browser
+    session (Gradio 6): about 0.15 MB per run, kept with the session. And Gradio keeps 10,000 sessions
+    of about 0.75 MB each unless told otherwise."""
+    import subprocess
+    import sys
+
+    from app_server import free_port
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
+           "ILVR_APP_OUTPUTS": str(tmp_path / "outputs"), "ILVR_CACHE": str(tmp_path / "hub")}
+    out = subprocess.run([sys.executable, "-c", SESSION_GROWTH_SCRIPT, str(free_port()),
+                          str(EX / "twemoji_cat_face.png")], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("REPORT "))[7:])
+    assert len(set(report["counts"])) == 1, report  # the same blocks after run 1 and run 4
+    assert report["capacity"] == report["kept"] < 10_000
+
+
 def _app_py(*args: str, timeout: float = 120):
     import subprocess
     import sys
