@@ -52,15 +52,18 @@ def hub_cache_dir() -> Path:
 _HF_CACHE_VARIABLES = ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME")
 
 
-def _user_hf_cache() -> Path | None:
-    """huggingface_hub's cache folder, when the environment names one (its own precedence; read now, where
-    huggingface_hub.constants froze the environment at import)."""
-    env = {name: os.environ[name] for name in _HF_CACHE_VARIABLES if os.environ.get(name)}
-    if not env:
-        return None
-    home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+def _huggingface_cache() -> Path:
+    """huggingface_hub's cache folder, by its own precedence (read now, where huggingface_hub.constants
+    froze the environment at import): HF_HUB_CACHE > HUGGINGFACE_HUB_CACHE > HF_HOME > XDG_CACHE_HOME."""
+    env = os.environ
+    home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
     folder = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
     return Path(os.path.expandvars(folder)).expanduser()
+
+
+def _user_hf_cache() -> Path | None:
+    """huggingface_hub's cache folder when the environment names one, else None."""
+    return _huggingface_cache() if any(os.environ.get(name) for name in _HF_CACHE_VARIABLES) else None
 
 
 # ----------------------------------------------------------------------------- reading weights
@@ -592,7 +595,7 @@ def download_from_hub(repo_id: str, filename: str | None = None, revision: str |
     unreachable = _hub_unreachable()
     local_only = unreachable is not None
     # a model already in huggingface_hub's usual cache (fetched by diffusers, say) is used from there
-    default_cache = _user_hf_cache() or Path("~/.cache/huggingface/hub").expanduser()
+    default_cache = _huggingface_cache()
     other_cache = str(default_cache) if local_only and default_cache.is_dir() and default_cache != Path(cache) else None
 
     def fetch(name: str) -> Path:

@@ -117,8 +117,9 @@ class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in fp32 whatever the input dtype, as ADM does (fp16 norms drift)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and torch.compiler.is_compiling():
-            return self._by_channel(x)
+        return self._by_channel(x) if x.is_cuda and torch.compiler.is_compiling() else self._fused(x)
+
+    def _fused(self, x: torch.Tensor) -> torch.Tensor:
         return F.group_norm(x.float(), self.num_groups, self.weight.float() if self.weight is not None else None,
                             self.bias.float() if self.bias is not None else None, self.eps).to(x.dtype)
 
