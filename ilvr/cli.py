@@ -1,4 +1,4 @@
-"""Command line: ``python -m ilvr {sample,info,convert,train,bench}``."""
+"""Command line: ``python -m ilvr {sample,info,convert,train,eval,bench}``."""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +14,8 @@ from tqdm import tqdm
 
 from .filters import KERNELS
 from .model import COMPILE_MODES
+from .registry import DEFAULT_MODEL
+from .schedule import LOSS_WEIGHTINGS
 
 
 def derive_seed(seed: int, key: str, k: int) -> int:
@@ -125,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("sample", help="generate images guided by reference images (ILVR)")
-    s.add_argument("--model", default="emoji64", help="bundled name, local file/folder or Hub repo id[:file] (default: emoji64)")
+    s.add_argument("--model", default=DEFAULT_MODEL, help=f"bundled name, local file/folder or Hub repo id[:file] (default: {DEFAULT_MODEL})")
     s.add_argument("--model-option", type=_model_option, action="append", metavar="KEY=VALUE", help=MODEL_OPTION_HELP)
     src = s.add_mutually_exclusive_group()
     src.add_argument("--ref", action="append", default=[], help="reference image (repeatable)")
@@ -190,8 +192,31 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--save-every-minutes", type=_positive_float, default=5.0)
     t.add_argument("--sample-every", type=_non_negative_int, default=500, help="write a sample grid every N steps (0 = never)")
     t.add_argument("--device", default="auto")
-    t.add_argument("--cpu-bf16", action="store_true", help="bf16 autocast on CPU (only fast with AVX512-BF16/AMX)")
+    t.add_argument("--cpu-bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast on CPU (default: on where the CPU has native bf16, AVX512-BF16/AMX)")
+    t.add_argument("--loss-weighting", choices=LOSS_WEIGHTINGS, default="p2",
+                   help="per-timestep weight of the loss: p2 (default; less weight on nearly clean steps), "
+                        "min-snr (gamma 5) or uniform (Ho et al.)")
     t.add_argument("--seed", type=int, default=0)
+
+    e = sub.add_parser("eval", help="measure diversity, fidelity, realism and near-copies per N (paper Table 2)")
+    e.add_argument("--model", default=DEFAULT_MODEL, help=f"bundled name, local file/folder or Hub repo id (default: {DEFAULT_MODEL})")
+    e.add_argument("--model-option", type=_model_option, action="append", metavar="KEY=VALUE", help=MODEL_OPTION_HELP)
+    e.add_argument("--refs", required=True, help="folder of evaluation references (e.g. eval/references)")
+    e.add_argument("--data", required=True, help="the model's training images (realism and near-copies are measured "
+                                                 "against them)")
+    e.add_argument("--N", dest="factors", default=None,
+                   help="comma-separated N values (default: 2, 4, ... up to half the image size)")
+    e.add_argument("--num", type=_positive_int, default=10, help="samples per reference and N (default 10: 45 pairs)")
+    e.add_argument("--steps", default="100", help="respaced steps (default 100)")
+    e.add_argument("--seed", type=int, default=0, help="samples use seeds SEED .. SEED+num-1 for every reference")
+    e.add_argument("--fidelity-scale", type=_positive_int, default=None,
+                   help="M of the fidelity column, the same for every row (default: image size / 16, 4 at 64 px)")
+    e.add_argument("--no-unconditional", action="store_true", help="skip the unconditional row")
+    e.add_argument("--batch-size", type=_positive_int, default=10)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--json", help="also write the table as JSON to this file")
+    e.add_argument("--grid", help="also write the samples as a PNG grid (one row per N and reference)")
 
     from .bench import add_arguments as add_bench_arguments
 
@@ -358,9 +383,43 @@ def cmd_train(args) -> int:
                       channels=1 if args.grayscale else 3, batch_size=args.batch_size,
                       lr=args.lr, max_steps=args.steps, max_minutes=args.minutes,
                       save_every_minutes=args.save_every_minutes, sample_every=args.sample_every, device=args.device,
-                      cpu_bf16=args.cpu_bf16, seed=args.seed)
+                      cpu_bf16=args.cpu_bf16, loss_weighting=args.loss_weighting, seed=args.seed)
     writable_folder(args.out)
     train(cfg)  # says what it wrote, or that there was nothing to do
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate, reference_files
+    from .grid import labelled_rows
+    from .images import tensor_to_pil
+    from .loading import load_model
+    from .registry import generation_factors
+
+    refs = reference_files(args.refs)
+    if not Path(args.data).is_dir():
+        raise ValueError(f"--data {args.data} is not a folder of training images")
+    model = load_model(args.model, device=args.device, **model_options(args))
+    factors = ([int(v) for v in args.factors.split(",") if v.strip()] if args.factors
+               else generation_factors(model.image_size))
+    total = len(refs) * len(factors) * args.num + (0 if args.no_unconditional else args.num)
+    bar = tqdm(total=total, desc="eval", unit="sample")
+    kept: dict = {}
+    report = evaluate(model, [str(r) for r in refs], args.data, factors=factors, samples=args.num, steps=args.steps,
+                      seed=args.seed, batch_size=args.batch_size, fidelity_scale=args.fidelity_scale,
+                      unconditional=not args.no_unconditional, on_batch=bar.update, keep=kept)
+    bar.close()
+    print(report.table())
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        print(f"wrote {args.json}")
+    if args.grid:
+        rows = []
+        for label, per_ref in kept.items():
+            for ref_path, x in zip(refs if len(per_ref) == len(refs) else ["unconditional"], per_ref):
+                rows.append((f"{label} {Path(ref_path).stem}"[:28], [tensor_to_pil(im * 2 - 1) for im in x]))
+        labelled_rows(rows).save(args.grid)
+        print(f"wrote {args.grid}")
     return 0
 
 
@@ -381,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     _created.clear()
     rc = 1  # unless the command returns: an unexpected exception fails it too
     try:
-        commands = {"sample": cmd_sample, "info": cmd_info, "convert": cmd_convert, "train": cmd_train, "bench": cmd_bench}
+        commands = {"sample": cmd_sample, "info": cmd_info, "convert": cmd_convert, "train": cmd_train, "eval": cmd_eval,
+                    "bench": cmd_bench}
         rc = commands[args.command](args)
     except (ModelLoadError, ImageError, ValueError, OSError) as e:
         if isinstance(e, BrokenPipeError):  # `python -m ilvr info --json | head`: the reader left, not an error

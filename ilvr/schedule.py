@@ -202,3 +202,23 @@ def ddim_step(schedule: Schedule, out: StepOutput, i: int, eta: float, noise: to
     if sigma > 0 and noise is not None and i > 0:
         x = x + sigma * noise
     return x
+
+
+LOSS_WEIGHTINGS = ("p2", "min-snr", "uniform")
+
+
+def loss_weights(alphas_cumprod: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-timestep weights of the epsilon MSE, from SNR(t) = abar_t / (1 - abar_t).
+
+    p2: 1 / (1 + SNR)  (Choi et al., CVPR 2022, k=1, gamma=1), which the ILVR authors' own models use;
+    min-snr: min(SNR, 5) / SNR  (Hang et al., ICCV 2023, gamma=5, for epsilon prediction);
+    uniform: 1 (Ho et al.'s simple loss). Both non-uniform ones shrink the weight of the nearly clean steps.
+    """
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    if kind == "p2":
+        return 1 / (1 + snr)
+    if kind == "min-snr":
+        return snr.clamp(max=5.0) / snr
+    if kind == "uniform":
+        return torch.ones_like(snr)
+    raise ValueError(f"loss weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, got {kind!r}")

@@ -1,8 +1,10 @@
 """Train an unconditional DDPM on a folder of images: the recipe the paper's own models follow,
 compact enough to read in one sitting.
 
-Epsilon loss, AdamW with warm-up, gradient clipping, EMA weights, mixed precision (bf16 autocast on
-CPUs that support it, fp16/bf16 on CUDA), periodic sample grids, resumable state every few minutes.
+Epsilon loss weighted per timestep (P2 by default: capacity goes to the coarse and content steps that
+ILVR's low-pass conditioning leaves to the model), AdamW with warm-up, gradient clipping, EMA weights,
+mixed precision (bf16 autocast on CPUs with native bf16, fp16/bf16 on CUDA), periodic sample grids,
+resumable state every few minutes.
 The exported model is ``OUT/model.safetensors`` (EMA weights, fp16) + ``OUT/config.json``.
 """
 from __future__ import annotations
@@ -29,7 +31,7 @@ from .batch import is_image_name, list_files
 from .images import IMAGE_SUFFIX_TEXT, ImageError, image_mode, open_image, plural, square_resize
 from .loading import resolve_device
 from .network import UNet, UNetConfig, count_parameters
-from .schedule import DiffusionConfig, Schedule
+from .schedule import LOSS_WEIGHTINGS, DiffusionConfig, Schedule, loss_weights
 
 STATE_FILE = "train_state.ckpt.pt"
 LOCK_FILE = ".train.lock"  # held (flock) by the run training into the folder
@@ -61,8 +63,23 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     mixed_precision: bool = True  # CUDA: bf16/fp16 autocast. CPU: bf16 only with cpu_bf16
-    cpu_bf16: bool = False  # fast on CPUs with AVX512-BF16/AMX, 10x+ slower elsewhere (emulated)
+    cpu_bf16: bool | None = None  # None: on where the CPU has native bf16 (emulated bf16 is 10x+ slower)
+    loss_weighting: str = "p2"  # one of LOSS_WEIGHTINGS
     extra: dict = field(default_factory=dict)
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU computes bf16 natively (x86 AVX512-BF16 or AMX; Arm's bf16 extension), read from
+    the kernel's CPU flags; False where unknown, since emulated bf16 trains 10x+ slower than fp32."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def training_diffusion() -> DiffusionConfig:
@@ -289,6 +306,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # every rank would write the same files
         raise ValueError("train runs in one process; run it without torchrun")
     device = resolve_device(cfg.device)
+    if cfg.loss_weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"loss weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, got {cfg.loss_weighting!r}")
     out = Path(cfg.out)
     unet_cfg = UNetConfig(image_size=cfg.image_size, in_channels=cfg.channels, out_channels=cfg.channels,
                           model_channels=cfg.model_channels, channel_mult=cfg.channel_mult,
@@ -350,7 +369,16 @@ def _train(cfg: TrainConfig, out: Path, unet_cfg: UNetConfig, diffusion: Diffusi
     log(f"{plural(len(data), 'training image')} from {cfg.data}, {cfg.image_size}px, device {device}")
     log(f"model: {count_parameters(model) / 1e6:.2f} M parameters")
     schedule = Schedule.from_config(diffusion)
-    abar = torch.tensor(schedule.alphas_cumprod, dtype=torch.float32, device=device)
+    abar64 = torch.tensor(schedule.alphas_cumprod, dtype=torch.float64)
+    abar = abar64.float().to(device)
+    weights = loss_weights(abar64, cfg.loss_weighting).float().to(device)
+    cpu_bf16 = cpu_has_native_bf16() if cfg.cpu_bf16 is None else cfg.cpu_bf16
+    if device.type == "cpu" and cfg.mixed_precision:
+        log(f"loss weighting {cfg.loss_weighting}; bf16 autocast " + (
+            "on" if cpu_bf16 else "off") + (" (this CPU has native bf16)" if cfg.cpu_bf16 is None and cpu_bf16
+                                            else " (no native bf16 on this CPU)" if cfg.cpu_bf16 is None else ""))
+    else:
+        log(f"loss weighting {cfg.loss_weighting}")
 
     saved_step = step  # what is on disk already (nothing, at step 0)
 
@@ -360,10 +388,11 @@ def _train(cfg: TrainConfig, out: Path, unet_cfg: UNetConfig, diffusion: Diffusi
         torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
                     "rng": gen.get_state(), "unet": unet_cfg.to_dict(), "diffusion": diffusion.to_dict(),
                     "elapsed_s": elapsed_before + time.time() - start,
-                    "lr": cfg.lr, "batch_size": cfg.batch_size},
+                    "lr": cfg.lr, "batch_size": cfg.batch_size, "loss_weighting": cfg.loss_weighting},
                    tmp)
         os.replace(tmp, state_path)
         export_model(ema, diffusion, out, {"steps": step, "batch_size": cfg.batch_size, "images": len(data),
+                                           "loss_weighting": cfg.loss_weighting,
                                            "minutes": round((elapsed_before + time.time() - start) / 60, 1),
                                            "device": str(device)})
         saved_step = step
@@ -383,9 +412,9 @@ def _train(cfg: TrainConfig, out: Path, unet_cfg: UNetConfig, diffusion: Diffusi
             noise = torch.randn(x0.shape, generator=gen).to(device)
             a = abar[t][:, None, None, None]
             xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-            with _autocast(device, cfg.mixed_precision, cfg.cpu_bf16):
+            with _autocast(device, cfg.mixed_precision, cpu_bf16):
                 pred = model(xt, t)
-            loss = F.mse_loss(pred.float(), noise)
+            loss = (weights[t] * (pred.float() - noise).square().mean(dim=(1, 2, 3))).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

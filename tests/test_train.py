@@ -127,13 +127,14 @@ def test_sigterm_saves_like_ctrl_c(tmp_path):
     child = """
 import signal, sys, torch
 from ilvr.cli import main
-original, calls = torch.nn.functional.mse_loss, []
-def loss_then_sigterm(*args, **kwargs):  # the third step's forward pass: outside the held update
+from ilvr.network import UNet
+original, calls = UNet.forward, []
+def forward_then_sigterm(*args, **kwargs):  # the third step's forward pass: outside the held update
     calls.append(1)
     if len(calls) == 3:
         signal.raise_signal(signal.SIGTERM)
     return original(*args, **kwargs)
-torch.nn.functional.mse_loss = loss_then_sigterm
+UNet.forward = forward_then_sigterm
 sys.exit(main(sys.argv[1:]))
 """
     root = Path(__file__).resolve().parents[1]
@@ -273,3 +274,48 @@ def test_limits_already_reached_do_nothing_and_messages_follow_the_bar(tmp_path,
     train(cfg, log=log)
     assert any("already trained 1 step / 0.0 min (--steps 1); nothing to do" in t for t, _ in messages), messages
     assert state.stat().st_mtime_ns == before and torch.load(state, weights_only=True)["step"] == 1
+
+
+def test_loss_weightings_follow_their_papers():
+    from ilvr.schedule import Schedule, DiffusionConfig, loss_weights
+
+    abar = torch.tensor(Schedule.from_config(DiffusionConfig()).alphas_cumprod, dtype=torch.float64)
+    snr = abar / (1 - abar)
+    p2, min_snr, uniform = (loss_weights(abar, k) for k in ("p2", "min-snr", "uniform"))
+    assert torch.allclose(p2, 1 / (1 + snr)) and torch.equal(uniform, torch.ones_like(abar))
+    # min-SNR-5: 5/SNR while SNR > 5 (nearly clean steps), 1 once SNR <= 5
+    assert torch.allclose(min_snr[snr > 5], 5 / snr[snr > 5]) and torch.all(min_snr[snr <= 5] == 1)
+    # both shrink the nearly clean steps' weight and keep the noisy ones' near 1
+    for w in (p2, min_snr):
+        assert w[0] < 1e-3 and w[-1] > 0.99 and torch.all(w[1:] >= w[:-1])
+    with pytest.raises(ValueError, match="loss weighting must be one of p2, min-snr, uniform"):
+        loss_weights(abar, "snr")
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(monkeypatch, tmp_path):
+    from ilvr import train as train_module
+
+    def with_cpuinfo(text):
+        fake = tmp_path / "cpuinfo"
+        fake.write_text(text)
+        real_path = train_module.Path
+        monkeypatch.setattr(train_module, "Path", lambda p: real_path(fake) if p == "/proc/cpuinfo" else real_path(p))
+        return train_module.cpu_has_native_bf16()
+
+    assert with_cpuinfo("processor : 0\nflags : fpu avx2 avx512f avx512_bf16 avx512_vnni\n")
+    assert with_cpuinfo("flags : fpu avx2 amx_bf16 amx_tile\n")
+    assert not with_cpuinfo("processor : 0\nflags : fpu sse avx2 fma\n")  # AVX2 only: bf16 would be emulated
+    assert with_cpuinfo("Features : fp asimd bf16 i8mm\n")  # Arm
+
+
+def test_train_logs_its_weighting_and_bf16_choice(tmp_path, capsys, monkeypatch):
+    from ilvr import train as train_module
+
+    monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: False)
+    data = noise_images(tmp_path / "data", [(16, 16)] * 4)
+    out = tmp_path / "m"
+    assert main(["train", "--data", str(data), "--out", str(out), *TINY_TRAIN_FLAGS, "--batch-size", "2",
+                 "--steps", "1", "--sample-every", "0", "--loss-weighting", "min-snr"]) == 0
+    log = capsys.readouterr().out
+    assert "loss weighting min-snr; bf16 autocast off (no native bf16 on this CPU)" in log
+    assert json.loads((out / "config.json").read_text())["training"]["loss_weighting"] == "min-snr"
