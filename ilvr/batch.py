@@ -34,7 +34,8 @@ from typing import Any, Sequence
 
 import torch
 
-from .images import IMAGE_SUFFIX_TEXT, IMAGE_SUFFIXES, plural
+from .device import resolve_device
+from .images import IMAGE_SUFFIX_TEXT, is_image_name, list_files, plural
 
 STOP_AFTER_ENV = "ILVR_STOP_AFTER"  # test hook, see the module docstring
 STOP_EXIT_CODE = 75
@@ -46,32 +47,6 @@ MAX_LISTED_FAILURES = 50
 
 
 # ----------------------------------------------------------------------------- planning (pure functions)
-
-def _hidden(name: str) -> bool:
-    return name.startswith(".")
-
-
-def is_image_name(name: str) -> bool:
-    return Path(name).suffix.lower() in IMAGE_SUFFIXES
-
-
-def list_files(root: str | os.PathLike, exclude: str | os.PathLike | None = None,
-               what: str = "reference folder") -> list[str]:
-    """Relative POSIX paths of every non-hidden file under root, sorted; files under `exclude`
-    (the output folder, when it lies inside root) are left out."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{what} not found: {root}")
-    skip = Path(exclude).resolve() if exclude is not None else None
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        here = Path(dirpath)
-        dirnames[:] = [d for d in dirnames if not _hidden(d) and (skip is None or (here / d).resolve() != skip)]
-        for name in filenames:
-            if not _hidden(name) and (here / name).is_file():
-                found.append((here / name).relative_to(root).as_posix())
-    return sorted(found)
-
 
 def list_references(root: str | os.PathLike, exclude: str | os.PathLike | None = None) -> list[str]:
     """The image files among list_files (notes.txt or Thumbs.db are no references)."""
@@ -177,8 +152,6 @@ class Comm:
     multi-GPU run takes), else a plain single process."""
 
     def __init__(self, device_arg: str):
-        from .loading import resolve_device
-
         self.world = int(os.environ.get("WORLD_SIZE", "1") or 1)
         self.enabled = self.world > 1 or "TORCHELASTIC_RUN_ID" in os.environ
         self.rank = int(os.environ.get("RANK", "0") or 0) if self.enabled else 0

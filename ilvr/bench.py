@@ -82,7 +82,8 @@ def random_model(unet_cfg: UNetConfig, diffusion: DiffusionConfig | None = None,
 def bundled_model(source: str = "emoji64", device: str | torch.device = "cpu") -> tuple[DiffusionModel, str]:
     """The bundled model in fp32; if its weights are missing or unreadable (e.g. mid-export), a random
     model of the same architecture. Returns (model, a note saying which)."""
-    from .loading import CHECKPOINTS_DIR, ModelLoadError, load_model
+    from .loading import ModelLoadError, load_model
+    from .registry import CHECKPOINTS_DIR
 
     try:
         # the plain loop's network: fp32 in the default layout (make_fast makes the fast path's copy)
@@ -585,7 +586,7 @@ def add_arguments(p) -> None:
 
 def run(args, log: Callable[[str], None] = print) -> dict[str, Any]:
     """The ``bench`` command: run every setup, print the tables, return (and optionally save) the results."""
-    from .loading import resolve_device, resolve_dtype
+    from .device import resolve_device, resolve_dtype
     from .registry import scaled_factor
 
     if args.threads:

@@ -18,6 +18,32 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".
 IMAGE_SUFFIX_TEXT = ", ".join(sorted(IMAGE_SUFFIXES))  # for messages: "images are .bmp, .gif, ..."
 
 
+def _hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def is_image_name(name: str) -> bool:
+    return Path(name).suffix.lower() in IMAGE_SUFFIXES
+
+
+def list_files(root: str | os.PathLike, exclude: str | os.PathLike | None = None,
+               what: str = "reference folder") -> list[str]:
+    """Relative POSIX paths of every non-hidden file under root, sorted; files under `exclude`
+    (the output folder, when it lies inside root) are left out."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{what} not found: {root}")
+    skip = Path(exclude).resolve() if exclude is not None else None
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        dirnames[:] = [d for d in dirnames if not _hidden(d) and (skip is None or (here / d).resolve() != skip)]
+        for name in filenames:
+            if not _hidden(name) and (here / name).is_file():
+                found.append((here / name).relative_to(root).as_posix())
+    return sorted(found)
+
+
 def plural(n: int, noun: str) -> str:
     """'1 image', '2 images': counts in messages."""
     return f"{n} {noun}{'' if n == 1 else 's'}"

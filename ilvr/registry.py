@@ -9,7 +9,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .loading import CHECKPOINTS_DIR
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CHECKPOINTS_DIR = PROJECT_ROOT / "checkpoints"  # bundled models; hub downloads under hub/ by default
 
 PAPER_SIZE = 256
 PAPER_PRESETS = {"generation": 16, "translation": 32, "paint": 64, "scribble": 8}

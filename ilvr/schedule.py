@@ -50,6 +50,12 @@ class DiffusionConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+def training_diffusion() -> DiffusionConfig:
+    """The diffusion every model of ours is trained with (1000 linear betas, epsilon, fixed-small
+    variance); a training state written before it recorded this is read with it (ilvr.loading)."""
+    return DiffusionConfig(variance_type="fixed_small")
+
+
 def make_betas(cfg: DiffusionConfig) -> np.ndarray:
     T = cfg.num_train_timesteps
     if cfg.beta_schedule == "linear":  # the endpoints as given, as diffusers uses them (see guided_diffusion_betas)

@@ -27,16 +27,17 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .batch import is_image_name, list_files
-from .images import IMAGE_SUFFIX_TEXT, ImageError, image_mode, open_image, plural, square_resize
-from .loading import resolve_device
+from .device import resolve_device
+from .images import (IMAGE_SUFFIX_TEXT, ImageError, image_mode, is_image_name, list_files, open_image, plural,
+                     square_resize)
 from .network import UNet, UNetConfig, count_parameters
-from .schedule import LOSS_WEIGHTINGS, DiffusionConfig, Schedule, loss_weights
+from .schedule import LOSS_WEIGHTINGS, DiffusionConfig, Schedule, loss_weights, training_diffusion
 
 STATE_FILE = "train_state.ckpt.pt"
 LOCK_FILE = ".train.lock"  # held (flock) by the run training into the folder
-# files that hold another tool's model: training into their folder would overwrite its config.json
-WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".onnx", ".msgpack", ".h5")
+# files that hold a model of any tool (more than load_model reads: ilvr.loading.LOADABLE_WEIGHT_SUFFIXES);
+# one of another tool's in the --out folder means training there would overwrite its config.json
+MODEL_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".onnx", ".msgpack", ".h5")
 
 
 @dataclass
@@ -80,12 +81,6 @@ def cpu_has_native_bf16() -> bool:
         if line.startswith(("flags", "Features")):
             flags.update(line.split(":", 1)[1].split())
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
-
-
-def training_diffusion() -> DiffusionConfig:
-    """The diffusion every model of ours is trained with (1000 linear betas, epsilon, fixed-small
-    variance); a training state written before it recorded this is read with it (ilvr.loading)."""
-    return DiffusionConfig(variance_type="fixed_small")
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -159,7 +154,7 @@ def foreign_model(out: Path) -> str | None:
             return f"config.json of a {kind}" if isinstance(kind, str) else 'a config.json without "format": "ilvr"'
     if (out / "model_index.json").is_file():
         return "a diffusers pipeline: model_index.json"
-    weights = sorted(p.name for p in out.iterdir() if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES
+    weights = sorted(p.name for p in out.iterdir() if p.is_file() and p.suffix.lower() in MODEL_FILE_SUFFIXES
                      and p.name not in (STATE_FILE, "model.safetensors"))
     if weights:
         return ", ".join(weights[:3]) + (f" and {len(weights) - 3} more" if len(weights) > 3 else "")

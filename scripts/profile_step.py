@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile, schedule
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ilvr.bench import bundled_model, ffhq_p2_configs, make_fast, random_model, synthetic_reference  # noqa: E402
-from ilvr.loading import resolve_device, resolve_dtype  # noqa: E402
+from ilvr.device import resolve_device, resolve_dtype  # noqa: E402
 from ilvr.registry import scaled_factor  # noqa: E402
 from ilvr.sampler import sample  # noqa: E402
 

@@ -408,7 +408,7 @@ def test_a_hub_that_does_not_answer_costs_seconds_not_minutes(tmp_path, monkeypa
     import time
 
     import huggingface_hub.constants as hc
-    import ilvr.loading as loading
+    import ilvr.loading.hub as hub
 
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
@@ -417,7 +417,7 @@ def test_a_hub_that_does_not_answer_costs_seconds_not_minutes(tmp_path, monkeypa
     threading.Thread(target=lambda: held.extend(server.accept() for _ in range(8)), daemon=True).start()
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(hc, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
-    monkeypatch.setattr(loading, "HUB_PROBE_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(hub, "HUB_PROBE_TIMEOUT_S", 1.0)
     folder, _ = _diffusers_folder(tmp_path)
     cache = tmp_path / "hub"
     _fake_hub_cache(cache, "google/ddpm-ema-tiny-32", {p.name: p for p in folder.iterdir()})
@@ -509,7 +509,7 @@ def test_hub_pipeline_repo_is_downloaded_from_its_subfolders(tmp_path, monkeypat
     """Online: a 404 for config.json at the top means a pipeline layout is tried, not a wrong message."""
     from huggingface_hub.errors import EntryNotFoundError
 
-    import ilvr.loading as loading
+    import ilvr.loading.hub as hub
 
     folder, _ = _diffusers_folder(tmp_path)
     remote = _pipeline_files(folder)
@@ -524,7 +524,7 @@ def test_hub_pipeline_repo_is_downloaded_from_its_subfolders(tmp_path, monkeypat
         shutil.copy(remote[filename], target)
         return str(target)
 
-    monkeypatch.setattr(loading, "_hub_unreachable", lambda: None)
+    monkeypatch.setattr(hub, "_hub_unreachable", lambda: None)
     monkeypatch.setattr("huggingface_hub.hf_hub_download", hub_download)
     model = load_model("someone/ddpm-pipeline-32", device="cpu", cache_dir=tmp_path / "cache")
     assert model.image_size == 32 and asked[0] == "config.json" and "unet/config.json" in asked
