@@ -34,8 +34,16 @@ from typing import Any, Sequence
 
 import torch
 
+from tqdm import tqdm
+
 from .device import resolve_device
-from .images import IMAGE_SUFFIX_TEXT, is_image_name, list_files, plural
+from .filters import check_factor, check_kernel
+from .images import (IMAGE_SUFFIX_TEXT, ImageError, is_image_name, list_files, load_reference, plural, read_settings,
+                     save_png, tensor_to_pil)
+from .loading import load_model
+from .noise import derive_seed
+from .registry import scaled_factor
+from .sampler import check_unconditional, sample, settings_dict, validate_steps, validate_stop_at
 
 STOP_AFTER_ENV = "ILVR_STOP_AFTER"  # test hook, see the module docstring
 STOP_EXIT_CODE = 75
@@ -235,11 +243,11 @@ def _settings_differ(old: dict, new: dict) -> list[str]:
     return [f"{k}: {old.get(k)!r} on disk, {new.get(k)!r} now" for k in keys if old.get(k) != new.get(k)]
 
 
-def run_folder(args) -> int:
+def run_folder(args, load_options: dict[str, object] | None = None) -> int:
     """The ``--ref-dir`` mode of ``python -m ilvr sample`` (see the module docstring)."""
     comm = Comm(args.device)
     try:
-        return _run(args, comm)
+        return _run(args, comm, load_options or {})
     except _AnotherRankFailed as e:
         print(comm.say(f"error: {e}"), file=sys.stderr)
         return 2
@@ -247,16 +255,7 @@ def run_folder(args) -> int:
         comm.close()
 
 
-def _run(args, comm: Comm) -> int:
-    from tqdm import tqdm
-
-    from .cli import derive_seed, model_options
-    from .filters import check_factor, check_kernel
-    from .images import ImageError, load_reference, read_settings, save_png, tensor_to_pil
-    from .loading import load_model
-    from .registry import scaled_factor
-    from .sampler import check_unconditional, sample, settings_dict, validate_steps, validate_stop_at
-
+def _run(args, comm: Comm, load_options: dict[str, object]) -> int:
     if args.unconditional:
         raise ValueError("--unconditional cannot be combined with --ref-dir")
     ref_dir, out = Path(args.ref_dir), Path(args.out)
@@ -267,7 +266,7 @@ def _run(args, comm: Comm) -> int:
     for turn in (0, 1):
         if (comm.local_rank == 0) == (turn == 0):
             try:
-                model = load_model(args.model, device=comm.device, dtype=args.dtype, **model_options(args))
+                model = load_model(args.model, device=comm.device, dtype=args.dtype, **load_options)
                 if args.compile:
                     model.compile(args.compile_mode)
                 check_unconditional(model)

@@ -10,7 +10,7 @@ Three ways to draw samples, timed side by side in one run on the same weights, r
                   and on CUDA the UNet call replayed as a CUDA graph and the noise drawn ahead by a worker
                   thread; optionally torch.compile. These are the defaults of load_model and the sampler,
                   i.e. what the app and the CLI run.
-  ILVR, plain     ``plain_ilvr`` below, written the way the official implementation (jychoi118/ilvr_adm)
+  ILVR, plain     ``ilvr.algorithm1``, written the way the official implementation (jychoi118/ilvr_adm)
                   writes its loop: fp32 network, torch.no_grad, and per step
                   x = x' - up(down(x')) + up(down(y_noisy)), i.e. down+up run twice per step. The resizing is
                   resize-right's ``resize`` (``ilvr.filters.resize_right_lowpass``, on a mirror-padded
@@ -53,7 +53,9 @@ from .filters import LowPass, resize_right_lowpass
 from .model import COMPILE_MODES, DiffusionModel, inference_unet
 from .network import UNet, UNetConfig, count_parameters
 from .onnx_cpu import cpu_runtime_for
-from .sampler import conditioned_steps, sample
+from .algorithm1 import algorithm1
+from .noise import draw, to_device
+from .sampler import sample
 from .schedule import DiffusionConfig, predict_step
 
 FULL_STEPS = 250  # the paper's (and the app's) number of respaced steps
@@ -121,48 +123,6 @@ def make_fast(model: DiffusionModel, *, dtype: torch.dtype | None = None, channe
 
 
 # ----------------------------------------------------------------------------- the straightforward loop
-
-def plain_ilvr(model: DiffusionModel, reference: torch.Tensor, *, seeds: Sequence[int], n_factor: int = 4,
-               kernel: str = "cubic", steps: str | int = FULL_STEPS, stop_at: int = 0,
-               on_step: Callable[[], None] | None = None) -> torch.Tensor:
-    """ILVR written plainly, as the official implementation runs it (the baseline of the benchmark).
-
-    fp32 network called directly (no autocast), torch.no_grad (not inference_mode), and the low-pass
-    phi_N = up(down(.)) from resize-right applied twice per step, to x' and to the noised reference
-    separately. Same noise, maths and conventions as ``ilvr.sampler.sample``; reference (3, H, W) or
-    (B, 3, H, W) in [-1, 1]. Returns float32 samples (B, 3, H, W). on_step() is called after every step
-    (the benchmark's per-step clock).
-    """
-    device = model.device
-    schedule = model.schedule.respace(steps)
-    batch = len(seeds)
-    shape = (model.config.in_channels, model.image_size, model.image_size)
-    y = reference.float()
-    if y.dim() == 3:
-        y = y[None]
-    y = y.expand(batch, -1, -1, -1).to(device)
-    refine = conditioned_steps(schedule.timestep_map, int(stop_at))
-    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-
-    def randn() -> torch.Tensor:  # one slice per sample from its own CPU generator, as the sampler does
-        return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
-
-    x = randn()
-    with torch.no_grad():
-        for i in reversed(range(schedule.num_steps)):
-            t = torch.full((batch,), int(schedule.timestep_map[i]), device=device, dtype=torch.long)
-            out = predict_step(schedule, model.diffusion, model.unet(x, t).float(), x, i)
-            z = randn()
-            eps = randn()
-            x = out.mean + (torch.exp(0.5 * out.log_variance) * z if i > 0 else 0.0)
-            if refine[i]:
-                abar_prev = float(schedule.alphas_cumprod_prev[i])
-                y_noisy = math.sqrt(abar_prev) * y + math.sqrt(1 - abar_prev) * eps
-                x = x - resize_right_lowpass(x, n_factor, kernel) + resize_right_lowpass(y_noisy, n_factor, kernel)
-            if on_step is not None:
-                on_step()
-    return x
-
 
 def synthetic_reference(size: int, channels: int = 3, seed: int = 0) -> torch.Tensor:
     """A smooth deterministic image in [-1, 1] (timings do not depend on the content)."""
@@ -284,7 +244,6 @@ def _time_ilvr_work(size: int, batch: int, n_factor: int, kernel: str, device: t
     plain: draw eps, y_noisy = a y + b eps, x - phi(x) + phi(y_noisy)  (resize-right down+up twice)
     The *_phi entries time the low-pass part alone.
     """
-    from .sampler import _noise  # the sampler's own per-sample CPU noise
 
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randn(batch, 3, size, size, device=device)
@@ -292,9 +251,9 @@ def _time_ilvr_work(size: int, batch: int, n_factor: int, kernel: str, device: t
     lowpass = LowPass(size, size, n_factor, kernel, device=device)
     a, b = math.sqrt(0.5), math.sqrt(0.5)
     fns = {
-        "ours": lambda: x + lowpass(a * y + b * _noise(gens, x.shape[1:], device) - x),
+        "ours": lambda: x + lowpass(a * y + b * to_device(draw(gens, x.shape[1:], pinned=device.type == "cuda"), device) - x),
         "plain": lambda: (x - resize_right_lowpass(x, n_factor, kernel)
-                          + resize_right_lowpass(a * y + b * _noise(gens, x.shape[1:], device), n_factor, kernel)),
+                          + resize_right_lowpass(a * y + b * to_device(draw(gens, x.shape[1:], pinned=device.type == "cuda"), device), n_factor, kernel)),
         "ours_phi": lambda: x + lowpass(y - x),
         "plain_phi": lambda: x - resize_right_lowpass(x, n_factor, kernel) + resize_right_lowpass(y, n_factor, kernel),
     }
@@ -377,7 +336,7 @@ def bench_setup(model: DiffusionModel, *, label: str, weights_note: str, batch: 
                                                                     cuda_graphs=cuda_graphs)),
                                 wbytes, "fp32"))
     variants.append(Variant("ILVR, plain loop (official style)",
-                            lambda s, on_step=None: plain_ilvr(model, reference, seeds=seeds, n_factor=n_factor,
+                            lambda s, on_step=None: algorithm1(model, reference, seeds=seeds, n_factor=n_factor,
                                                                kernel=kernel, steps=s, on_step=on_step),
                             wbytes, "fp32"))
 

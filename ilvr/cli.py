@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -14,15 +13,9 @@ from tqdm import tqdm
 
 from .filters import KERNELS
 from .model import COMPILE_MODES
+from .noise import derive_seed
 from .registry import DEFAULT_MODEL
 from .schedule import LOSS_WEIGHTINGS
-
-
-def derive_seed(seed: int, key: str, k: int) -> int:
-    """A per-output seed from (global seed, reference key, sample index): the same image whatever the
-    batch size, process count or order in which outputs are made."""
-    digest = hashlib.sha256(f"{seed}|{key}|{k}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def _int_at_least(minimum: int):
@@ -299,7 +292,7 @@ def cmd_sample(args) -> int:
             writable_folder(args.out)
         from .batch import run_folder
 
-        return run_folder(args)
+        return run_folder(args, model_options(args))
     out = writable_folder(args.out)
     for path in [*(args.ref or []), *([args.mask] if args.mask else [])]:
         open_image(path)  # a wrong or unreadable file is reported before a model loads (or downloads)

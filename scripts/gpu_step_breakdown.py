@@ -26,7 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import ilvr.network as network  # noqa: E402
-from ilvr.bench import ffhq_p2_configs, make_fast, plain_ilvr, random_model, synthetic_reference  # noqa: E402
+from ilvr.algorithm1 import algorithm1  # noqa: E402
+from ilvr.bench import ffhq_p2_configs, make_fast, random_model, synthetic_reference  # noqa: E402
 
 SHIPPED_GROUP_NORM = network.GroupNorm32.forward
 group_norm_by_channel = network.GroupNorm32._by_channel  # what the shipped one does when compiled on CUDA
@@ -126,10 +127,10 @@ def main() -> None:
         if args.plain_steps:  # the benchmark's baseline, to turn call times into ratios
             ref = synthetic_reference(size)
             seeds = list(range(args.batch))
-            plain_ilvr(base, ref, seeds=seeds, n_factor=4, steps=2)
+            algorithm1(base, ref, seeds=seeds, n_factor=4, steps=2)
             sync()
             t0 = time.perf_counter()
-            plain_ilvr(base, ref, seeds=seeds, n_factor=4, steps=args.plain_steps)
+            algorithm1(base, ref, seeds=seeds, n_factor=4, steps=args.plain_steps)
             sync()
             plain_ms = (time.perf_counter() - t0) / args.plain_steps * 1000
             say(f"plain ILVR loop (fp32, resize-right): {plain_ms:.2f} ms per batch-{args.batch} step")

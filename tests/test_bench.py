@@ -17,6 +17,7 @@ import torch
 from ilvr import bench, network
 from ilvr.cli import main
 from ilvr.network import UNetConfig
+from ilvr.algorithm1 import algorithm1
 from ilvr.sampler import sample
 from ilvr.schedule import DiffusionConfig
 
@@ -38,7 +39,7 @@ def test_fast_path_matches_plain_loop(tiny_model, n_factor, kernel, stop_at):
     ref = _reference()
     seeds = [11, 12]
     ours = sample(tiny_model, ref, seeds=seeds, n_factor=n_factor, kernel=kernel, steps=8, stop_at=stop_at)
-    plain = bench.plain_ilvr(tiny_model, ref, seeds=seeds, n_factor=n_factor, kernel=kernel, steps=8, stop_at=stop_at)
+    plain = algorithm1(tiny_model, ref, seeds=seeds, n_factor=n_factor, kernel=kernel, steps=8, stop_at=stop_at)
     assert ours.dtype == plain.dtype == torch.float32
     assert ours.shape == plain.shape == (2, 3, 32, 32)
     torch.testing.assert_close(ours, plain, atol=1e-4, rtol=1e-4)
@@ -47,7 +48,7 @@ def test_fast_path_matches_plain_loop(tiny_model, n_factor, kernel, stop_at):
 def test_fast_path_matches_plain_loop_per_sample_references(tiny_model):
     refs = torch.stack([_reference(1), _reference(2)])
     ours = sample(tiny_model, refs, seeds=[5, 6], n_factor=4, steps=6)
-    plain = bench.plain_ilvr(tiny_model, refs, seeds=[5, 6], n_factor=4, steps=6)
+    plain = algorithm1(tiny_model, refs, seeds=[5, 6], n_factor=4, steps=6)
     torch.testing.assert_close(ours, plain, atol=1e-4, rtol=1e-4)
 
 
@@ -57,7 +58,7 @@ def test_channels_last_fast_model_matches_plain_loop(tiny_model):
     assert next(tiny_model.unet.parameters()).is_contiguous()
     ref = _reference()
     ours = sample(fast, ref, seeds=[7], n_factor=4, steps=6)
-    plain = bench.plain_ilvr(tiny_model, ref, seeds=[7], n_factor=4, steps=6)
+    plain = algorithm1(tiny_model, ref, seeds=[7], n_factor=4, steps=6)
     torch.testing.assert_close(ours, plain, atol=1e-4, rtol=1e-4)
 
 
@@ -73,13 +74,13 @@ def test_compile_modes_that_capture_cuda_graphs_turn_ours_off(tiny_model, mode, 
 
 def test_plain_loop_is_seeded_and_uses_the_reference(tiny_model):
     ref = _reference()
-    a = bench.plain_ilvr(tiny_model, ref, seeds=[1], n_factor=4, steps=4)
-    b = bench.plain_ilvr(tiny_model, ref, seeds=[1], n_factor=4, steps=4)
-    c = bench.plain_ilvr(tiny_model, ref, seeds=[2], n_factor=4, steps=4)
+    a = algorithm1(tiny_model, ref, seeds=[1], n_factor=4, steps=4)
+    b = algorithm1(tiny_model, ref, seeds=[1], n_factor=4, steps=4)
+    c = algorithm1(tiny_model, ref, seeds=[2], n_factor=4, steps=4)
     torch.testing.assert_close(a, b, atol=0, rtol=0)
     assert (a - c).abs().max() > 1e-3
     # the last step is conditioned on the clean reference: with N=1 (no filtering) it comes back exactly
-    same = bench.plain_ilvr(tiny_model, ref, seeds=[1], n_factor=1, steps=4)
+    same = algorithm1(tiny_model, ref, seeds=[1], n_factor=1, steps=4)
     torch.testing.assert_close(same, ref[None], atol=1e-5, rtol=0)
 
 

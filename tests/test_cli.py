@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ilvr.cli import PROCESS_FRAMES, derive_seed, main, process_frames
+from ilvr.cli import PROCESS_FRAMES, main, process_frames
+from ilvr.noise import derive_seed
 from ilvr.images import read_settings
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -21,6 +21,7 @@ from ilvr import bench
 from ilvr.loading import load_model
 from ilvr.model import DiffusionModel
 from ilvr.network import UNetConfig
+from ilvr.algorithm1 import algorithm1
 from ilvr.sampler import sample
 from ilvr.schedule import DiffusionConfig
 from conftest import TINY_TRAIN_FLAGS, noise_images
@@ -59,7 +60,7 @@ def test_fast_path_matches_plain_loop_on_cuda(exact_fp32):
     model = on(bench.random_model(TINY, DiffusionConfig(), seed=5), "cuda")
     ref = bench.synthetic_reference(32, 3, seed=6)
     ours = sample(model, ref, seeds=[1, 2, 3], n_factor=8, steps=12, stop_at=300)
-    plain = bench.plain_ilvr(model, ref, seeds=[1, 2, 3], n_factor=8, steps=12, stop_at=300)
+    plain = algorithm1(model, ref, seeds=[1, 2, 3], n_factor=8, steps=12, stop_at=300)
     torch.testing.assert_close(ours, plain, atol=1e-4, rtol=1e-4)
 
 

@@ -160,3 +160,62 @@ def test_class_conditional_models_are_explained(reference):
     conditional = DiffusionModel(unet=tiny_unet(num_classes=10), diffusion=DiffusionConfig(), name="imagenet")
     with pytest.raises(ValueError, match="class-conditional.*unconditional variant"):
         sample(conditional, reference, seeds=[0], steps="5")
+
+
+def test_reference_is_noised_to_x_t_minus_1s_level_at_every_conditioned_step(model, reference):
+    """Algorithm 1 noises y to x_{t-1}'s level, y_{t-1} = sqrt(abar_{t-1}) y + sqrt(1 - abar_{t-1}) eps, and
+    corrects every step, not only the last. At N=1 phi is the identity, so x_{t-1} is y_{t-1} itself:
+    the network's input at each next step must be exactly that (the official code's x_t level, or a
+    skipped step, would differ)."""
+    seeds, steps, shape = [11, 12], "8", (3, 32, 32)
+    inputs = []
+    model.predict = lambda x, t: (inputs.append(x.clone()), DiffusionModel.predict(model, x, t))[1]
+    try:
+        sample(model, reference, seeds=seeds, n_factor=1, steps=steps)
+    finally:
+        del model.predict
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+
+    def draw():
+        return torch.stack([torch.randn(shape, generator=g) for g in generators])
+
+    schedule = model.schedule.respace(steps)
+    assert torch.equal(inputs[0], draw())  # x_T
+    for k, i in enumerate(reversed(range(1, schedule.num_steps))):  # steps whose result feeds the network again
+        draw()  # z of step i
+        eps = draw()
+        abar_prev = float(schedule.alphas_cumprod_prev[i])
+        expected = math.sqrt(abar_prev) * reference + math.sqrt(1 - abar_prev) * eps
+        assert (inputs[k + 1] - expected).abs().max().item() < 1e-5, f"step {i}"
+        x_t_level = math.sqrt(float(schedule.alphas_cumprod[i])) * reference + math.sqrt(1 - float(schedule.alphas_cumprod[i])) * eps
+        assert (inputs[k + 1] - x_t_level).abs().max().item() > 1e-3  # the official code's level is told apart
+
+
+def test_sampler_and_algorithm1_agree_at_every_step(model, reference):
+    """The fast sampler (phi once, as matrices) against the paper's loop written plainly (resize-right twice)."""
+    from ilvr.algorithm1 import algorithm1
+
+    for n, kernel, stop_at in [(4, "cubic", 0), (8, "box", 0), (2, "cubic", 500)]:
+        ours = sample(model, reference, seeds=[3, 4], n_factor=n, kernel=kernel, steps="6", stop_at=stop_at)
+        plain = algorithm1(model, reference, seeds=[3, 4], n_factor=n, kernel=kernel, steps="6", stop_at=stop_at)
+        assert (ours - plain).abs().max().item() < 1e-4, (n, kernel, stop_at)
+
+
+def test_phi_n_matrix_matches_numbers_from_resize_right():
+    """phi_2 (cubic) and phi_4 (box) on 8 pixels, computed once with resize-right 0.0.2 (antialiasing,
+    symmetric padding as the official resizer mirrors borders) and written down here: a change to the
+    filter's maths cannot pass unnoticed."""
+    from ilvr.filters import _axis_matrix
+
+    cubic_2 = torch.tensor([
+        [0.602539, 0.425171, 0.070435, -0.079102, -0.023438, 0.003296, 0.001099, 0.0],
+        [0.425171, 0.343445, 0.179993, 0.067566, 0.006165, -0.018127, -0.00531, 0.001099],
+        [0.070435, 0.179993, 0.399109, 0.360901, 0.065369, -0.060974, -0.018127, 0.003296],
+        [-0.079102, 0.067566, 0.360901, 0.404419, 0.19812, 0.065369, 0.006165, -0.023438],
+        [-0.023438, 0.006165, 0.065369, 0.19812, 0.404419, 0.360901, 0.067566, -0.079102],
+        [0.003296, -0.018127, -0.060974, 0.065369, 0.360901, 0.399109, 0.179993, 0.070435],
+        [0.001099, -0.00531, -0.018127, 0.006165, 0.067566, 0.179993, 0.343445, 0.425171],
+        [0.0, 0.001099, 0.003296, -0.023438, -0.079102, 0.070435, 0.425171, 0.602539]], dtype=torch.float64)
+    assert torch.allclose(_axis_matrix(8, 2, "cubic"), cubic_2, atol=1e-6)
+    box_4 = torch.kron(torch.eye(2, dtype=torch.float64), torch.full((4, 4), 0.25, dtype=torch.float64))
+    assert torch.allclose(_axis_matrix(8, 4, "box"), box_4, atol=1e-12)
