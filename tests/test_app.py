@@ -139,8 +139,8 @@ def editor_value(name: str) -> dict:
 
 
 def test_scribble_keeps_unedited_region(client):
-    from ilvr import app_support as S
     from ilvr.images import load_reference, tensor_to_pil
+    from studio.inputs import scribble_mask
 
     result = client.predict(MODEL, "", editor_value("scribble_sunglasses"), 2, True, 1, FAST, 200, "cubic", "ddpm",
                             0, api_name="/scribble")
@@ -150,7 +150,7 @@ def test_scribble_keeps_unedited_region(client):
     name = "scribble_sunglasses"
     value = {k: Image.open(EX / f"{name}_{k}.png") for k in ("background", "composite")}
     value["layers"] = [Image.open(EX / f"{name}_layer.png")]
-    mask, coverage = S.scribble_mask(value, SIZE, dilate=max(1, SIZE // 32))
+    mask, coverage = scribble_mask(value, SIZE, dilate=max(1, SIZE // 32))
     assert 0.02 < coverage < 0.5
     ref = np.asarray(tensor_to_pil(load_reference(EX / f"{name}_composite.png", SIZE)), int)
     out = np.asarray(img.convert("RGB"), int)
