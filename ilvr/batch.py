@@ -23,6 +23,7 @@ killed run) right after writing its n-th image. It exists for the tests; do not 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import re
 import sys
@@ -41,7 +42,6 @@ from .filters import check_factor, check_kernel
 from .images import (IMAGE_SUFFIX_TEXT, ImageError, is_image_name, list_files, load_reference, plural, read_settings,
                      save_png, tensor_to_pil)
 from .loading import load_model
-from .noise import derive_seed
 from .registry import scaled_factor
 from .sampler import check_unconditional, sample, settings_dict, validate_steps, validate_stop_at
 
@@ -55,6 +55,13 @@ MAX_LISTED_FAILURES = 50
 
 
 # ----------------------------------------------------------------------------- planning (pure functions)
+
+def derive_seed(seed: int, key: str, k: int) -> int:
+    """A per-output seed from (global seed, reference key, sample index): the same image whatever the
+    batch size, process count or order in which outputs are made."""
+    digest = hashlib.sha256(f"{seed}|{key}|{k}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
 
 def list_references(root: str | os.PathLike, exclude: str | os.PathLike | None = None) -> list[str]:
     """The image files among list_files (notes.txt or Thumbs.db are no references)."""
@@ -240,7 +247,10 @@ def _agree(comm: Comm, error: BaseException | None) -> None:
 
 def _settings_differ(old: dict, new: dict) -> list[str]:
     keys = ("model", "model_options", "N", "filter", "steps", "stop_at", "sampler", "image_size", "global_seed")
-    return [f"{k}: {old.get(k)!r} on disk, {new.get(k)!r} now" for k in keys if old.get(k) != new.get(k)]
+    diff = [f"{k}: {old.get(k)!r} on disk, {new.get(k)!r} now" for k in keys if old.get(k) != new.get(k)]
+    if old.get("weights_sha256") and old["weights_sha256"] != new.get("weights_sha256"):  # retrained or replaced
+        diff.append(f"weights_sha256: {old['weights_sha256']} on disk, {new.get('weights_sha256')} now")
+    return diff
 
 
 def run_folder(args, load_options: dict[str, object] | None = None) -> int:

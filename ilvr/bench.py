@@ -48,17 +48,17 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .cpu_memory import keep_freed_heap, release_freed_heap
+from .runtime.cpu_memory import keep_freed_heap, release_freed_heap
 from .filters import LowPass, resize_right_lowpass
 from .model import COMPILE_MODES, DiffusionModel, inference_unet
 from .network import UNet, UNetConfig, count_parameters
-from .onnx_cpu import cpu_runtime_for
+from .runtime.onnx_cpu import cpu_runtime_for
 from .algorithm1 import algorithm1
-from .noise import draw, to_device
+from .runtime.noise import draw, to_device
 from .sampler import sample
-from .schedule import DiffusionConfig, predict_step
+from .schedule import DiffusionConfig
 
-FULL_STEPS = 250  # the paper's (and the app's) number of respaced steps
+FULL_STEPS = 250  # the app's and CLI's default number of respaced steps
 TIMED_STEPS = 50  # steps per timed run; per-step figures are extrapolated to FULL_STEPS
 
 
@@ -464,7 +464,7 @@ def environment() -> dict[str, Any]:
 def format_environment(env: dict[str, Any]) -> str:
     s = (f"ILVR Studio speed benchmark -- torch {env['torch']}, {env['threads']} CPU thread(s) "
          f"(OMP_NUM_THREADS={env['OMP_NUM_THREADS']}), {env['cpu_count']} CPU(s)")
-    s += ", freed heap kept (ilvr.cpu_memory)" if env.get("glibc_heap_kept") else ", allocator defaults"
+    s += ", freed heap kept (ilvr.runtime.cpu_memory)" if env.get("glibc_heap_kept") else ", allocator defaults"
     if "load_average_1min" in env:
         s += f", load average {env['load_average_1min']:.1f} at start"
     if "onnxruntime" in env:

@@ -11,11 +11,23 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .filters import KERNELS
+import torch
+
+from .batch import derive_seed, run_folder
+from .bench import add_arguments as add_bench_arguments
+from .bench import run as run_bench
+from .evaluate import evaluate, reference_files
+from .filters import KERNELS, check_factor
+from .grid import labelled_rows
+from .images import ImageError, load_reference, open_image, plural, save_animation, save_png, tensor_to_pil
+from .loading import ModelLoadError, assumed_settings, load_model
 from .model import COMPILE_MODES
-from .noise import derive_seed
-from .registry import DEFAULT_MODEL
+from .network import UNetConfig, count_parameters
+from .registry import DEFAULT_MODEL, generation_factors, scaled_factor
+from .runtime.cpu_memory import keep_freed_heap
+from .sampler import check_unconditional, sample, settings_dict, validate_steps, validate_stop_at
 from .schedule import LOSS_WEIGHTINGS
+from .train import TrainConfig, export_model, train
 
 
 def _int_at_least(minimum: int):
@@ -211,7 +223,6 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", help="also write the table as JSON to this file")
     e.add_argument("--grid", help="also write the samples as a PNG grid (one row per N and reference)")
 
-    from .bench import add_arguments as add_bench_arguments
 
     b = sub.add_parser("bench", help="time ILVR (ours) against unconditional sampling and the straightforward loop")
     add_bench_arguments(b)
@@ -219,8 +230,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_info(args) -> int:
-    from .loading import assumed_settings, load_model
-    from .network import count_parameters
 
     model = load_model(args.model, device="cpu", cpu_backend="torch",  # only looked at: no onnxruntime export
                        **model_options(args))
@@ -251,10 +260,7 @@ def cmd_info(args) -> int:
 def cmd_convert(args) -> int:
     """A guided-diffusion pickle plus the --model-option values it needs becomes a folder that loads
     everywhere (the app's path field, the CLI, Python) with nothing to pass, and holds no pickle."""
-    import torch
 
-    from .loading import load_model
-    from .train import export_model
 
     out = Path(args.out)
     if (out / "model.safetensors").exists() or (out / "config.json").exists():  # before a load or download
@@ -269,11 +275,6 @@ def cmd_convert(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from .images import load_reference, open_image, plural, save_animation, save_png, tensor_to_pil
-    from .loading import load_model
-    from .filters import check_factor
-    from .registry import scaled_factor
-    from .sampler import check_unconditional, sample, settings_dict, validate_steps, validate_stop_at
 
     if args.mask and not args.ref:
         raise ValueError("--mask needs --ref")
@@ -290,7 +291,6 @@ def cmd_sample(args) -> int:
             raise ValueError("--save-process is for --ref and --unconditional runs, not --ref-dir")
         if not os.environ.get("WORLD_SIZE"):  # under torchrun, rank 0 creates it (and reports for all ranks)
             writable_folder(args.out)
-        from .batch import run_folder
 
         return run_folder(args, model_options(args))
     out = writable_folder(args.out)
@@ -354,8 +354,6 @@ def cmd_sample(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .network import UNetConfig
-    from .train import TrainConfig, train
 
     def ints(text: str, what: str) -> tuple[int, ...]:
         try:
@@ -383,11 +381,6 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import evaluate, reference_files
-    from .grid import labelled_rows
-    from .images import tensor_to_pil
-    from .loading import load_model
-    from .registry import generation_factors
 
     refs = reference_files(args.refs)
     if not Path(args.data).is_dir():
@@ -417,19 +410,15 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import run
 
-    run(args)
+    run_bench(args)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .cpu_memory import keep_freed_heap
-    from .images import ImageError
-    from .loading import ModelLoadError
 
-    keep_freed_heap()  # every command runs UNet calls (train and bench on CPU too); see ilvr.cpu_memory
+    keep_freed_heap()  # every command runs UNet calls (train and bench on CPU too); see ilvr.runtime.cpu_memory
     _created.clear()
     rc = 1  # unless the command returns: an unexpected exception fails it too
     try:

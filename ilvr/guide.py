@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 
 from . import validate
-from .cuda_graphs import gpu_work
+from .runtime.cuda_graphs import gpu_work
 from .filters import LowPass
 from .schedule import Schedule
 

@@ -2,15 +2,30 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
-from .cuda_graphs import GraphedPredict
+from .runtime import SamplingRun
+from .runtime.cuda_graphs import GraphedPredict
 from .network import UNet, count_parameters
-from .onnx_cpu import cpu_runtime_for
+from .runtime.onnx_cpu import cpu_runtime_for
 from .schedule import DiffusionConfig, Schedule
+
+
+def file_digest(path: str | os.PathLike, length: int = 12) -> str | None:
+    """Leading hex digits of a file's SHA-256 (None if it cannot be read)."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()[:length]
 
 
 def inference_unet(unet: UNet, device: torch.device, dtype: torch.dtype, channels_last: bool) -> UNet:
@@ -50,8 +65,8 @@ class DiffusionModel:
     source: str = ""
     info: dict[str, Any] = field(default_factory=dict)
     cuda_graphs: bool = True  # on a GPU, replay each sampling run's UNet call as one CUDA graph
-    failed_captures: int = field(default=0, repr=False)  # in a row; see ilvr.cuda_graphs.GraphedPredict
-    cpu_runtime: Any = field(default=None, repr=False)  # ilvr.onnx_cpu.OnnxUNet: runs predict on CPU in fp32
+    failed_captures: int = field(default=0, repr=False)  # in a row; see ilvr.runtime.cuda_graphs.GraphedPredict
+    cpu_runtime: Any = field(default=None, repr=False)  # ilvr.runtime.onnx_cpu.OnnxUNet: runs predict on CPU in fp32
     # (exported again by denoiser() when the UNet's weights changed since)
 
     def __post_init__(self) -> None:
@@ -82,7 +97,7 @@ class DiffusionModel:
         """``predict`` for one sampling run: on a GPU, captured as a CUDA graph at the first call.
 
         The graph (and its memory) belongs to the run, so concurrent runs never share buffers; see
-        ``ilvr.cuda_graphs`` for why and how runs on one GPU stay out of each other's captures.
+        ``ilvr.runtime.cuda_graphs`` for why and how runs on one GPU stay out of each other's captures.
         """
         if self.device.type == "cuda" and self.cuda_graphs:
             return GraphedPredict(self)
@@ -91,6 +106,11 @@ class DiffusionModel:
             # since (load_state_dict, training) must not sample with the old ones.
             self.cpu_runtime = cpu_runtime_for(self.unet, self.device, self.dtype, "onnxruntime")
         return self.predict
+
+    def sampling_run(self, seeds) -> SamplingRun:
+        """The runtime of one sampling run for these seeds (``ilvr.runtime``): noise, denoiser, GPU gate."""
+        return SamplingRun(self.denoiser(), seeds, (self.config.in_channels, self.image_size, self.image_size),
+                           self.device, onnxruntime=self.cpu_runtime is not None)
 
     def compile(self, mode: str | None = None) -> "DiffusionModel":
         """torch.compile the UNet in place: fused kernels, 2-3x faster per step on an H100 at batch 8.
@@ -109,6 +129,15 @@ class DiffusionModel:
         if mode in ("reduce-overhead", "max-autotune"):  # they capture CUDA graphs of their own: ours would nest
             self.cuda_graphs = False
         return self
+
+    @property
+    def weights_digest(self) -> str | None:
+        """The first 12 hex digits of the weights file's SHA-256, recorded in every PNG's settings so an
+        image names the exact weights that made it (None for weights that did not come from a file)."""
+        if "weights_digest" not in self.info:
+            path = self.info.get("weights")
+            self.info["weights_digest"] = file_digest(path) if path else None
+        return self.info["weights_digest"]
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "source": self.source, "image_size": self.image_size,

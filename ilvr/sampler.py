@@ -28,7 +28,6 @@ import torch
 from . import validate
 from .guide import conditioned_steps, make_guide
 from .model import DiffusionModel
-from .runtime import SamplingRun
 from .schedule import ddim_step, predict_step
 
 SAMPLERS = validate.SAMPLERS
@@ -88,7 +87,7 @@ def sample(
     schedule, guide = _prepare(model, reference, seeds, n_factor, kernel, steps, stop_at, sampler, eta, mask,
                                keep_outside, progress)
     start = time.time()
-    with SamplingRun(model, seeds) as run:
+    with model.sampling_run(seeds) as run:
         x = run.noise()  # x_T ~ N(0, I)
         for i in reversed(range(schedule.num_steps)):  # i: respaced index of the step t -> t-1
             model_output = run.denoise(x, schedule.timestep_map[i])
@@ -141,6 +140,8 @@ def settings_dict(model: DiffusionModel, *, n_factor: int | None, kernel: str, s
     """The settings to show next to a result and to embed in its PNG."""
     d = {"model": model.name, "N": n_factor, "filter": kernel, "steps": str(steps), "stop_at": int(stop_at),
          "sampler": sampler, "seed": int(seed), "image_size": model.image_size}
+    if model.weights_digest:  # the model's name may later mean other weights: the digest names these
+        d["weights_sha256"] = model.weights_digest
     if model.info.get("options"):  # load options (e.g. beta_schedule) are part of what made the image
         d["model_options"] = model.info["options"]
     d.update(extra)

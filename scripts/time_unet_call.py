@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from ilvr.bench import ffhq_p2_configs, random_model  # noqa: E402
 from ilvr.loading import load_model  # noqa: E402
 from ilvr.model import inference_unet  # noqa: E402
-from ilvr.onnx_cpu import OnnxUNet  # noqa: E402
+from ilvr.runtime.onnx_cpu import OnnxUNet  # noqa: E402
 
 
 def median_ms(fn, calls: int) -> float:

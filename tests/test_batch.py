@@ -19,7 +19,7 @@ from PIL import Image
 from ilvr.batch import (FAILED_EXIT_CODE, STOP_AFTER_ENV, STOP_EXIT_CODE, list_references, make_plan, output_bases,
                         shard)
 from ilvr.cli import main
-from ilvr.noise import derive_seed
+from ilvr.batch import derive_seed
 from ilvr.images import read_settings
 from ilvr.network import UNet, UNetConfig
 from ilvr.schedule import DiffusionConfig

@@ -1,6 +1,7 @@
 """The command line as a user runs it."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 from PIL import Image
 
 from ilvr.cli import PROCESS_FRAMES, main, process_frames
-from ilvr.noise import derive_seed
+from ilvr.batch import derive_seed
 from ilvr.images import read_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,6 +42,8 @@ def test_sample_writes_pngs_with_settings(tiny_checkpoint, ref_png, tmp_path, ca
                  "--num", "1", "--out", str(out)]) == 0
     assert f"wrote 1 image to {out} (1 replaced files of an earlier run)" in capsys.readouterr().out
     assert s["global_seed"] == 1 and s["seed"] == derive_seed(1, "ref.png", 0)  # --seed 1 reproduces it
+    # the weights that made it, even if the model's name later means others
+    assert s["weights_sha256"] == hashlib.sha256((tiny_checkpoint / "model.safetensors").read_bytes()).hexdigest()[:12]
 
 
 def test_save_process_writes_an_animation_per_sample(tiny_checkpoint, ref_png, tmp_path):

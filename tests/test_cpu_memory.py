@@ -15,7 +15,7 @@ glibc_only = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ve
 
 FAULTS_PER_CALL = """
 import json, resource, torch
-from ilvr.cpu_memory import keep_freed_heap
+from ilvr.runtime.cpu_memory import keep_freed_heap
 from ilvr.loading import load_model
 
 model = load_model("emoji64", device="cpu", cpu_backend="torch")  # the PyTorch UNet is what is measured
@@ -64,6 +64,6 @@ def test_the_setting_can_be_switched_off():
 
 
 def test_release_freed_heap_is_safe_anywhere():
-    from ilvr.cpu_memory import release_freed_heap
+    from ilvr.runtime.cpu_memory import release_freed_heap
 
     release_freed_heap()

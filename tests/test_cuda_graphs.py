@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ilvr import bench
-from ilvr.cuda_graphs import GpuGate, GraphedPredict
+from ilvr.runtime.cuda_graphs import GpuGate, GraphedPredict
 from ilvr.network import UNetConfig
 from ilvr.schedule import DiffusionConfig
 

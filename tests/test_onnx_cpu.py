@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from ilvr import bench
-from ilvr.app_support import device_label
+from studio.models import device_label
 from ilvr.loading import ModelLoadError, load_model
 from ilvr.network import UNetConfig
-from ilvr.onnx_cpu import BACKEND_ENV, OnnxUNet, cpu_backend
+from ilvr.runtime.onnx_cpu import BACKEND_ENV, OnnxUNet, cpu_backend
 from ilvr.sampler import sample
 from ilvr.schedule import DiffusionConfig
 from ilvr.train import export_model
@@ -117,7 +117,7 @@ def test_step_ops_run_single_threaded_and_the_setting_comes_back(tiny_folder, mo
     torch_ops_single_threaded); concurrent runs each get it, and the default returns after the last."""
     import threading
 
-    from ilvr.onnx_cpu import torch_ops_single_threaded
+    from ilvr.runtime.onnx_cpu import torch_ops_single_threaded
 
     monkeypatch.delenv(BACKEND_ENV, raising=False)
     before = torch.get_num_threads()

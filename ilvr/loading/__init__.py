@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from ..cpu_memory import keep_freed_heap
+from ..runtime.cpu_memory import keep_freed_heap
 from ..device import DeviceError, resolve_device, resolve_dtype
 from ..model import DiffusionModel, inference_unet
-from ..onnx_cpu import cpu_backend as cpu_backend_choice
-from ..onnx_cpu import cpu_runtime_for
+from ..runtime.onnx_cpu import cpu_backend as cpu_backend_choice
+from ..runtime.onnx_cpu import cpu_runtime_for
 from ..registry import BUNDLED, BY_NAME, MODELS
 from .adm import ADM_IMAGE_SIZE_BY_MULT, assumed_settings, infer_adm_config, new_to_legacy_qkv
 from .diffusers import diffusers_to_adm, diffusion_from_scheduler, unet_config_from_diffusers
@@ -51,9 +51,9 @@ def load_model(source: str | os.PathLike, device: str | torch.device | None = "a
     dtype is the compute dtype: default float32 on CPU and MPS and float16 on CUDA (``ilvr.device``; bf16 where supported
     is also fine). channels_last (default: on CPU only) stores the weights in oneDNN's preferred
     layout, about 20% faster on CPU (``python -m ilvr bench``); on CUDA it measured slower.
-    On CPU this also fixes glibc's heap thresholds for the process (``ilvr.cpu_memory``: otherwise every
+    On CPU this also fixes glibc's heap thresholds for the process (``ilvr.runtime.cpu_memory``: otherwise every
     step page-faults its activations in afresh), and in float32 samples through onnxruntime
-    (``ilvr.onnx_cpu``; cpu_backend='torch' or ILVR_CPU_BACKEND=torch keeps PyTorch).
+    (``ilvr.runtime.onnx_cpu``; cpu_backend='torch' or ILVR_CPU_BACKEND=torch keeps PyTorch).
     overrides (what a guided-diffusion .pt does not record): image_size, num_head_channels or num_heads,
     attention_order ('legacy'|'new') and any DiffusionConfig field (e.g. beta_schedule='cosine').
     """

@@ -25,7 +25,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .network import UNet
+from ..network import UNet
 
 BACKENDS = ("onnxruntime", "torch")
 BACKEND_ENV = "ILVR_CPU_BACKEND"

@@ -1,8 +1,7 @@
 """Per-seed noise: every sample draws from its own CPU generator, so a seed gives the same image on any
-device, in any batch and in any process; and the per-output seeds of a folder run."""
+device, in any batch and in any process; on a GPU the draws are made ahead, in pinned memory."""
 from __future__ import annotations
 
-import hashlib
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -11,13 +10,6 @@ from typing import Sequence
 import torch
 
 from .cuda_graphs import gpu_work
-
-
-def derive_seed(seed: int, key: str, k: int) -> int:
-    """A per-output seed from (global seed, reference key, sample index): the same image whatever the
-    batch size, process count or order in which outputs are made."""
-    digest = hashlib.sha256(f"{seed}|{key}|{k}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def draw(generators: Sequence[torch.Generator], shape: tuple[int, ...], pinned: bool = False,

@@ -1,35 +1,35 @@
 """The speed runtime of one sampling run, behind the one seam the sampler calls.
 
 The sampler's maths does not change with the hardware; what does is gathered here: the UNet call
-(replayed as a CUDA graph on a GPU, onnxruntime on CPU: ``ilvr.cuda_graphs``, ``ilvr.onnx_cpu``), the
-run's noise (drawn ahead on a GPU: ``ilvr.noise``), inference mode, PyTorch's own threads while
-onnxruntime runs, and the gate that keeps other runs' GPU work out of a CUDA graph capture.
+(replayed as a CUDA graph on a GPU, onnxruntime on CPU: ``cuda_graphs``, ``onnx_cpu``), the run's
+noise (drawn ahead on a GPU: ``noise``), inference mode, PyTorch's own threads while onnxruntime
+runs, the gate that keeps other runs' GPU work out of a CUDA graph capture, and glibc's heap settings
+(``cpu_memory``). A model opens a run with ``DiffusionModel.sampling_run(seeds)``.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from .cuda_graphs import gpu_work
-from .model import DiffusionModel
 from .noise import NoiseSource
 from .onnx_cpu import torch_ops_single_threaded
 
 
 class SamplingRun:
-    """Use as ``with SamplingRun(model, seeds) as run:``; then ``run.noise()``, ``run.denoise(x, t)`` and
+    """Use as ``with model.sampling_run(seeds) as run:``; then ``run.noise()``, ``run.denoise(x, t)`` and
     ``with run.gpu():`` around the step's own tensor maths (short blocks that never wait for another
     thread, see ``ilvr.cuda_graphs``). ``run.output(x)`` after the block hands the result over."""
 
-    def __init__(self, model: DiffusionModel, seeds: Sequence[int]):
-        self.device = model.device
+    def __init__(self, denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], seeds: Sequence[int],
+                 shape: tuple[int, ...], device: torch.device, onnxruntime: bool):
+        self.device = device
         self.batch = len(seeds)
-        shape = (model.config.in_channels, model.image_size, model.image_size)
-        self.noise = NoiseSource(seeds, shape, self.device)
-        self._denoise = model.denoiser()
-        self._single_threaded_torch = model.cpu_runtime is not None and self.device.type == "cpu"
+        self.noise = NoiseSource(seeds, shape, device)
+        self._denoise = denoise
+        self._single_threaded_torch = onnxruntime and device.type == "cpu"
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> "SamplingRun":

@@ -12,12 +12,18 @@ from __future__ import annotations
 import contextlib
 import threading
 import warnings
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator, Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from .model import DiffusionModel
+
+class GraphOwner(Protocol):
+    """What GraphedPredict needs of a model (``ilvr.model.DiffusionModel`` is one)."""
+
+    cuda_graphs: bool  # False: replay no graphs, run eagerly
+    failed_captures: int  # failed captures in a row
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
 
 
 class GpuGate:
@@ -78,7 +84,7 @@ class GraphedPredict:
     WARMUP_CALLS = 2  # cuDNN picks its algorithms and workspaces before capture, as PyTorch advises
     GIVE_UP_AFTER = 3
 
-    def __init__(self, model: DiffusionModel):
+    def __init__(self, model: GraphOwner):
         self.model = model
         self.graph: torch.cuda.CUDAGraph | None = None
         self.key: tuple | None = None
