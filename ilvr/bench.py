@@ -48,13 +48,16 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .runtime.cpu_memory import keep_freed_heap, release_freed_heap
+from .algorithm1 import algorithm1
+from .device import resolve_device, resolve_dtype
 from .filters import LowPass, resize_right_lowpass
+from .loading import ModelLoadError, load_model
 from .model import COMPILE_MODES, DiffusionModel, inference_unet
 from .network import UNet, UNetConfig, count_parameters
-from .runtime.onnx_cpu import cpu_runtime_for
-from .algorithm1 import algorithm1
+from .registry import CHECKPOINTS_DIR, DEFAULT_MODEL, scaled_factor
+from .runtime.cpu_memory import keep_freed_heap, release_freed_heap
 from .runtime.noise import draw, to_device
+from .runtime.onnx_cpu import cpu_runtime_for
 from .sampler import sample
 from .schedule import DiffusionConfig
 
@@ -81,11 +84,9 @@ def random_model(unet_cfg: UNetConfig, diffusion: DiffusionConfig | None = None,
                           dtype=dtype, source=name, info={"family": "random"})
 
 
-def bundled_model(source: str = "emoji64", device: str | torch.device = "cpu") -> tuple[DiffusionModel, str]:
+def bundled_model(source: str = DEFAULT_MODEL, device: str | torch.device = "cpu") -> tuple[DiffusionModel, str]:
     """The bundled model in fp32; if its weights are missing or unreadable (e.g. mid-export), a random
     model of the same architecture. Returns (model, a note saying which)."""
-    from .loading import ModelLoadError, load_model
-    from .registry import CHECKPOINTS_DIR
 
     try:
         # the plain loop's network: fp32 in the default layout (make_fast makes the fast path's copy)
@@ -496,9 +497,9 @@ def _batch_sizes(text: str) -> list[int]:
 
 def add_arguments(p) -> None:
     p.add_argument("--models", default="auto",
-                   help="comma list of 'bundled' (emoji64 or --model) and 'adm256' (the ILVR authors' FFHQ-P2 "
+                   help="comma list of 'bundled' (the default bundled model or --model) and 'adm256' (the ILVR authors' FFHQ-P2 "
                         "architecture, random weights). auto: bundled, plus adm256 when CUDA is present")
-    p.add_argument("--model", default="emoji64", help="source of the 'bundled' setup (default emoji64)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"source of the 'bundled' setup (default {DEFAULT_MODEL})")
     p.add_argument("--device", default="auto",
                    help="auto: bundled on CPU, adm256 on CUDA; or cpu / cuda / cuda:1 for every setup")
     p.add_argument("--steps", type=int, default=None,
@@ -545,8 +546,6 @@ def add_arguments(p) -> None:
 
 def run(args, log: Callable[[str], None] = print) -> dict[str, Any]:
     """The ``bench`` command: run every setup, print the tables, return (and optionally save) the results."""
-    from .device import resolve_device, resolve_dtype
-    from .registry import scaled_factor
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -568,7 +567,7 @@ def run(args, log: Callable[[str], None] = print) -> dict[str, Any]:
             device = resolve_device(args.device)
         if name == "bundled":
             model, note = bundled_model(args.model, device)
-            label, batches = ("bundled model" if args.model == "emoji64" else f"model {model.name}"), [1]
+            label, batches = ("bundled model" if args.model == DEFAULT_MODEL else f"model {model.name}"), [1]
         else:
             unet_cfg, diffusion = ffhq_p2_configs()
             model, note = random_model(unet_cfg, diffusion, device=device, name="adm256-ffhq-p2"), "random weights"

@@ -6,7 +6,7 @@ steps 1000 -> 200. A 64 px model sees a quarter of the pixels per side, so N sca
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -44,43 +44,30 @@ def generation_factors(image_size: int) -> list[int]:
 @dataclass(frozen=True)
 class ModelEntry:
     name: str  # what users type / pick
-    source: str  # repo id, or the bundled folder name
+    source: str  # repo id, or the bundled folder name under checkpoints/
     image_size: int
-    description: str
     filename: str | None = None  # for hub repos of raw checkpoints
     bundled: bool = False
-    license: str = ""
-    examples: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def path(self) -> Path:
         return CHECKPOINTS_DIR / self.source
 
-    @property
-    def load_source(self) -> str:
-        if self.bundled:
-            return str(self.path)
-        return f"{self.source}:{self.filename}" if self.filename else self.source
-
-    def presets(self) -> dict[str, int]:
-        return {task: scaled_factor(task, self.image_size) for task in PAPER_PRESETS}
-
 
 MODELS: list[ModelEntry] = [
-    ModelEntry("emoji64", "emoji64", 64, "Bundled: our 64 px DDPM trained on Noto color emoji (offline, CPU-friendly)",
-               bundled=True, license="Apache-2.0 (weights and training images)"),
-    ModelEntry("ffhq-256 (ILVR authors, ADM)", "deepinv/diffunet", 256,
-               "FFHQ faces, the ILVR/DPS authors' 93M-parameter ADM model", filename="diffusion_ffhq_10m.pt",
-               license="see deepinv/diffunet (BSD-3-Clause repo)"),
-    ModelEntry("celebahq-256 (Google DDPM, EMA)", "google/ddpm-ema-celebahq-256", 256, "CelebA-HQ faces, Ho et al.",
-               license="Apache-2.0"),
-    ModelEntry("church-256 (Google DDPM, EMA)", "google/ddpm-ema-church-256", 256, "LSUN church outdoor, Ho et al.",
-               license="Apache-2.0"),
-    ModelEntry("cat-256 (Google DDPM, EMA)", "google/ddpm-ema-cat-256", 256, "LSUN cats, Ho et al.", license="Apache-2.0"),
-    ModelEntry("bedroom-256 (Google DDPM, EMA)", "google/ddpm-ema-bedroom-256", 256, "LSUN bedrooms, Ho et al.",
-               license="Apache-2.0"),
+    # ours, offline: Noto emoji faces, animals, plants, fruit and vegetables (checkpoints/emoji-faces-animals64)
+    ModelEntry("emoji-faces-animals64", "emoji-faces-animals64", 64, bundled=True),
+    # ours, the earlier model on all 3,786 Noto emoji: kept so images made with it can be remade
+    ModelEntry("emoji64", "emoji64", 64, bundled=True),
+    # FFHQ faces, the ILVR/DPS authors' 93.6 M ADM (P2 weighting)
+    ModelEntry("ffhq-256 (ILVR authors, ADM)", "deepinv/diffunet", 256, filename="diffusion_ffhq_10m.pt"),
+    # Ho et al.'s DDPMs in diffusers layout, 113.7 M each
+    ModelEntry("celebahq-256 (Google DDPM, EMA)", "google/ddpm-ema-celebahq-256", 256),
+    ModelEntry("church-256 (Google DDPM, EMA)", "google/ddpm-ema-church-256", 256),
+    ModelEntry("cat-256 (Google DDPM, EMA)", "google/ddpm-ema-cat-256", 256),
+    ModelEntry("bedroom-256 (Google DDPM, EMA)", "google/ddpm-ema-bedroom-256", 256),
 ]
 
 BY_NAME = {m.name: m for m in MODELS}
 BUNDLED = {m.name: m for m in MODELS if m.bundled}
-DEFAULT_MODEL = "emoji64"
+DEFAULT_MODEL = "emoji-faces-animals64"
