@@ -3,7 +3,8 @@
 Every image file under DIR (recursively, sorted; images by suffix, ``ilvr.images.IMAGE_SUFFIXES``;
 hidden files and folders skipped; other files counted and ignored) is a reference. Each reference
 makes ``--num`` samples, written as ``OUT/<its folder>/<stem>_<k>.png`` with the sampling settings in
-the PNG. A file Pillow cannot read is reported and skipped; the run goes on, and ends
+the PNG. A file Pillow cannot read (or one that is no regular file: a FIFO, a device, a broken link)
+and a subfolder the process may not list are reported and skipped; the run goes on, and ends
 with exit status 1 so that scripts notice (0 when every output was made or already on disk).
 
 Scaling out: the same command under ``torchrun`` shards the work by rank over torch.distributed (gloo
@@ -29,7 +30,7 @@ import re
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -134,18 +135,21 @@ class Plan:
     first_done: str | None  # one finished output, to compare its settings with this run's
     removed_temp: int
     ignored: int = 0  # non-image files under the reference folder
+    unreadable: dict[str, str] = field(default_factory=dict)  # 'sub/folder/' -> why it could not be listed
 
 
 def make_plan(ref_dir: Path, out: Path, num: int) -> Plan:
     if ref_dir.is_dir() and out.resolve() == ref_dir.resolve():
         raise ValueError("--out must not be the --ref-dir folder itself (outputs would become references)")
     removed = remove_stale_temp_files(out)
-    files = list_files(ref_dir, exclude=out)
+    unreadable: dict[str, str] = {}
+    files = list_files(ref_dir, exclude=out, unreadable=unreadable)
     refs = [f for f in files if is_image_name(f)]
     if not refs:
         others = f"; ignored {plural(len(files), 'non-image file')}" if files else ""
+        locked = f"; cannot read {unreadable_text(unreadable)}" if unreadable else ""
         raise ValueError(f"{ref_dir} holds no images to translate (images are {IMAGE_SUFFIX_TEXT}; "
-                         f"hidden files and the --out folder are skipped{others})")
+                         f"hidden files and the --out folder are skipped{others}{locked})")
     bases = output_bases(refs)
     have = existing_files(out)
     pending, skipped, first_done = [], 0, None
@@ -157,7 +161,14 @@ def make_plan(ref_dir: Path, out: Path, num: int) -> Plan:
                 first_done = first_done or name
             else:
                 pending.append((i, k))
-    return Plan(refs, bases, pending, skipped, first_done, removed, len(files) - len(refs))
+    return Plan(refs, bases, pending, skipped, first_done, removed, len(files) - len(refs), unreadable)
+
+
+def unreadable_text(unreadable: dict[str, str], limit: int = 3) -> str:
+    """'folder a/ (Permission denied), b/ (...) and 2 more': the folders list_files could not read."""
+    shown = [f"{rel} ({why})" for rel, why in sorted(unreadable.items())[:limit]]
+    more = f" and {len(unreadable) - limit} more" if len(unreadable) > limit else ""
+    return f"folder{'s' if len(unreadable) > 1 else ''} {', '.join(shown)}{more}"
 
 
 # ----------------------------------------------------------------------------- processes
@@ -319,6 +330,9 @@ def _run(args, comm: Comm, load_options: dict[str, object]) -> int:
                   flush=True)
         if plan.removed_temp:
             print(f"removed {plan.removed_temp} unfinished temp file(s) of an interrupted run", flush=True)
+        for rel, why in sorted(plan.unreadable.items())[:MAX_LISTED_FAILURES]:
+            print(f"warning: cannot read folder {rel} ({why}) in {ref_dir}: its images are left out, and the run "
+                  f"will end with exit status {FAILED_EXIT_CODE}", file=sys.stderr, flush=True)
         if plan.first_done:
             try:
                 old = read_settings(out / plan.first_done)
@@ -403,10 +417,17 @@ def _run(args, comm: Comm, load_options: dict[str, object]) -> int:
                 print(f"  {rel}: {reasons[rel]}", file=sys.stderr)
             if len(reasons) > MAX_LISTED_FAILURES:
                 print(f"  ... and {len(reasons) - MAX_LISTED_FAILURES} more", file=sys.stderr)
+        if plan.unreadable:  # said at the start too; repeated here, where a long run's log ends
+            print(f"unreadable folders ({len(plan.unreadable)}, their images left out):", file=sys.stderr)
+            for rel in sorted(plan.unreadable)[:MAX_LISTED_FAILURES]:
+                print(f"  cannot read folder {rel} ({plan.unreadable[rel]})", file=sys.stderr)
+            if len(plan.unreadable) > MAX_LISTED_FAILURES:
+                print(f"  ... and {len(plan.unreadable) - MAX_LISTED_FAILURES} more", file=sys.stderr)
         rate = done_all / elapsed if elapsed > 0 else 0.0
-        print(f"done {done_all}, skipped {plan.skipped}, failed {failed_all} ({plural(len(reasons), 'unreadable reference')})"
-              f" in {elapsed:.1f} s: {rate:.2f} images/s -> {out}", flush=True)
+        folders = f", {plural(len(plan.unreadable), 'unreadable folder')}" if plan.unreadable else ""
+        print(f"done {done_all}, skipped {plan.skipped}, failed {failed_all} ({plural(len(reasons), 'unreadable reference')}"
+              f"{folders}) in {elapsed:.1f} s: {rate:.2f} images/s -> {out}", flush=True)
     # every rank knows failed_all; none exits before rank 0 has printed the summary (torchrun stops the
     # other workers as soon as one exits with an error)
     comm.barrier()
-    return FAILED_EXIT_CODE if failed_all else 0
+    return FAILED_EXIT_CODE if failed_all or plan.unreadable else 0

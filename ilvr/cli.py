@@ -293,9 +293,9 @@ def cmd_sample(args) -> int:
             writable_folder(args.out)
 
         return run_folder(args, model_options(args))
-    out = writable_folder(args.out)
     for path in [*(args.ref or []), *([args.mask] if args.mask else [])]:
-        open_image(path)  # a wrong or unreadable file is reported before a model loads (or downloads)
+        open_image(path)  # a wrong or unreadable file (or a FIFO) is reported before --out is made or a model loads
+    out = writable_folder(args.out)
     model = load_model(args.model, device=args.device, dtype=args.dtype, **model_options(args))
     if args.compile:
         model.compile(args.compile_mode)

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import torch
 
 from .filters import LowPass, check_factor
-from .images import load_reference
+from .images import load_reference, special_kind
 from .model import DiffusionModel
 from .sampler import sample
 from .train import find_images, load_dataset
@@ -157,4 +157,8 @@ def reference_files(folder: str | os.PathLike) -> list[Path]:
     files = find_images(folder)
     if not files:
         raise ValueError(f"no reference images in {folder}")
+    for path in files:  # before the model loads; and never open() a FIFO, which would wait forever
+        kind = special_kind(path) if not path.is_symlink() or path.exists() else "a broken link"
+        if kind:
+            raise ValueError(f"{path} is not a regular file ({kind}); evaluation references must be image files")
     return files

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -26,21 +27,62 @@ def is_image_name(name: str) -> bool:
     return Path(name).suffix.lower() in IMAGE_SUFFIXES
 
 
+def special_kind(path: str | os.PathLike) -> str | None:
+    """What path is when it is no regular file (or link to one): 'a FIFO' (named pipe), 'a character
+    device', 'a folder', ...; None for a regular file. Asked with stat before anything opens it: opening a
+    FIFO waits for a writer forever, and /dev/zero never ends. A missing path raises FileNotFoundError."""
+    mode = os.stat(path).st_mode
+    if stat.S_ISREG(mode):
+        return None
+    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "an unknown kind of file"
+
+
+def _strerror(e: OSError) -> str:
+    return e.strerror or type(e).__name__
+
+
 def list_files(root: str | os.PathLike, exclude: str | os.PathLike | None = None,
-               what: str = "reference folder") -> list[str]:
-    """Relative POSIX paths of every non-hidden file under root, sorted; files under `exclude`
-    (the output folder, when it lies inside root) are left out."""
+               what: str = "reference folder", unreadable: dict[str, str] | None = None) -> list[str]:
+    """Relative POSIX paths of every non-hidden entry under root that is not a folder, sorted (regular
+    files, and also FIFOs, devices and broken links, so that the caller reports them instead of losing
+    them silently); files under `exclude` (the output folder, when it lies inside root) are left out.
+
+    A subfolder that cannot be listed (no permission) is never skipped silently: with `unreadable` (a
+    dict) it is recorded there as 'sub/folder/' -> reason and the listing goes on; without, ValueError
+    names it. A root that cannot be listed is always an error."""
     root = Path(root)
     if not root.is_dir():
+        if root.exists():
+            raise ValueError(f"{what} {root} is not a folder ({special_kind(root) or 'a file'})")
         raise FileNotFoundError(f"{what} not found: {root}")
     skip = Path(exclude).resolve() if exclude is not None else None
     found = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    errors: dict[str, str] = {}
+
+    def failed(e: OSError) -> None:
+        rel = Path(os.path.relpath(e.filename, root)).as_posix() if e.filename is not None else "?"
+        errors[rel] = _strerror(e)
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=failed):
         here = Path(dirpath)
         dirnames[:] = [d for d in dirnames if not _hidden(d) and (skip is None or (here / d).resolve() != skip)]
-        for name in filenames:
-            if not _hidden(name) and (here / name).is_file():
-                found.append((here / name).relative_to(root).as_posix())
+        found.extend((here / name).relative_to(root).as_posix() for name in filenames if not _hidden(name))
+    if "." in errors:
+        raise ValueError(f"cannot read {what} {root} ({errors['.']})")
+    if errors and unreadable is None:
+        shown = [f"{rel}/ ({why})" for rel, why in sorted(errors.items())[:3]]
+        more = f" and {len(errors) - 3} more" if len(errors) > 3 else ""
+        it, its, s = ("them", "their", "s") if len(errors) > 1 else ("it", "its", "")
+        raise ValueError(f"cannot read folder{s} {', '.join(shown)}{more} under the {what} {root}: refusing to go "
+                         f"on without {its} images; make {it} readable, or move {it} out (or give {it} a name "
+                         f"starting with '.') to leave {it} out")
+    if unreadable is not None:
+        unreadable.update({f"{rel}/": why for rel, why in errors.items()})
     return sorted(found)
 
 
@@ -92,12 +134,18 @@ def open_image(source: str | os.PathLike | Image.Image) -> Image.Image:
         img = source
     else:
         path = Path(source).expanduser()
-        if not path.exists():
+        try:
+            kind = special_kind(path)  # before any open(): a FIFO would block it
+        except (FileNotFoundError, NotADirectoryError):
             if "://" in str(source):
-                raise ImageError(f"references are local files; download {source} first")
-            raise ImageError(f"reference image not found: {path}")
-        if path.is_dir():
+                raise ImageError(f"references are local files; download {source} first") from None
+            raise ImageError(f"reference image not found: {path}") from None
+        except OSError as e:
+            raise ImageError(f"{path} cannot be read ({_strerror(e)})") from None
+        if kind == "a folder":
             raise ImageError(f"expected an image file, got a folder: {path}")
+        if kind:
+            raise ImageError(f"{path} is not a regular file ({kind})")
         try:
             img = Image.open(path)
             if img.size[0] * img.size[1] > MAX_PIXELS:

@@ -90,14 +90,17 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 def find_images(folder: str | os.PathLike, exclude: str | os.PathLike | None = None) -> list[Path]:
     """Image files under folder, sorted; hidden files and folders and `exclude` (the --out folder, whose
-    sample grids must not become training images) are skipped, as ``sample --ref-dir`` skips them."""
+    sample grids must not become training images) are skipped, as ``sample --ref-dir`` skips them. A
+    subfolder that cannot be listed is refused (ValueError naming it) before anything trains: a run that
+    silently left out part of the data would only show it hours later, if ever."""
     root = Path(folder)
     return [root / rel for rel in list_files(root, exclude, what="training data folder") if is_image_name(rel)]
 
 
 def load_dataset(folder: str | os.PathLike, size: int, channels: int = 3,
                  exclude: str | os.PathLike | None = None) -> torch.Tensor:
-    """Every readable image in the folder, as uint8 (N, channels, size, size); unreadable files are skipped."""
+    """Every readable image in the folder, as uint8 (N, channels, size, size); unreadable files (and FIFOs,
+    devices, broken links) are skipped and listed; an unreadable subfolder is an error (find_images)."""
     tensors, skipped = [], []
     mode = image_mode(channels)
     for path in find_images(folder, exclude):

@@ -286,6 +286,26 @@ def test_failed_references_give_exit_status_1(world, tmp_path, capsys, monkeypat
     assert not out.exists()  # made by this failed command and left empty: removed
 
 
+def test_references_that_are_not_regular_files_fail_alone(world, tmp_path, capsys, monkeypatch):
+    """A broken link or a device under --ref-dir used to be left out silently (exit 0). FIFOs and
+    unreadable folders: tests/test_security_cli.py."""
+    for var in DIST_VARS:
+        monkeypatch.delenv(var, raising=False)
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    shutil.copy(world["refs"] / "a.png", refs / "a.png")
+    (refs / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (refs / "zero.png").symlink_to("/dev/zero")
+    out = tmp_path / "out"
+    assert main(["sample", "--model", str(world["model"]), "--ref-dir", str(refs), "--out", str(out),
+                 "--num-samples", "1", "--steps", "2"]) == FAILED_EXIT_CODE
+    captured = capsys.readouterr()
+    assert "done 1, skipped 0, failed 2 (2 unreadable references)" in captured.out, captured.out
+    assert "gone.png: reference image not found" in captured.err, captured.err
+    assert "zero.png is not a regular file (a character device)" in captured.err, captured.err
+    assert (out / "a_0.png").is_file()
+
+
 # ----------------------------------------------------------------------------- planning
 
 @pytest.mark.parametrize("n", [0, 1, 7, 10, 23])

@@ -73,6 +73,24 @@ def test_bad_inputs_have_clear_errors(tmp_path):
         load_reference(text, 32)
 
 
+def test_references_must_be_regular_files(tmp_path):
+    """A device or a broken link is named as such, before anything opens it (a FIFO would block the open;
+    tests/test_security_cli.py runs that case in a child process with a time limit)."""
+    from ilvr.images import list_files
+
+    zero = tmp_path / "zero.png"
+    zero.symlink_to("/dev/zero")
+    with pytest.raises(ImageError, match=r"zero.png is not a regular file \(a character device\)"):
+        load_reference(zero, 8)
+    gone = tmp_path / "gone.png"
+    gone.symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(ImageError, match="reference image not found"):
+        load_reference(gone, 8)
+    assert list_files(tmp_path) == ["gone.png", "zero.png"]  # listed, so the caller reports them
+    with pytest.raises(ValueError, match="reference folder .*zero.png is not a folder \\(a character device\\)"):
+        list_files(zero)
+
+
 def test_huge_image_is_refused(tmp_path, monkeypatch):
     import ilvr.images as images
     monkeypatch.setattr(images, "MAX_PIXELS", 1000)

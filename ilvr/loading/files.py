@@ -2,16 +2,18 @@
 file of a folder, and a loaded UNet built from a weights file with its config and scheduler config."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import warnings
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 
+from ..images import special_kind
 from ..network import UNet, UNetConfig
 from ..schedule import DiffusionConfig, guided_diffusion_betas, training_diffusion
 from .adm import infer_adm_config, new_to_legacy_qkv
@@ -24,8 +26,7 @@ LOADABLE_WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")  # w
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and (for safetensors) metadata of one weights file."""
     path = Path(path)
-    if not path.is_file():
-        raise ModelLoadError(f"weights file not found: {path}")
+    _check_regular_file(path)
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError, safe_open
 
@@ -40,22 +41,122 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         raise ModelLoadError(f"{path.name} is not a PyTorch checkpoint (torch.save writes a zip archive or a pickle; "
                              f"this file is neither{', it is empty' if not magic else ''})")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on a bare pickle's protocol: not the user's business
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors come in many types; none should crash the caller
-        detail = _weights_only_detail(str(e))  # torch's full text advises weights_only=False: we never do that
-        if detail.startswith("Unsupported global"):
+        # torch's own text advises loading with weights_only=False, which runs the pickle's code: never quoted
+        message = str(e)
+        unsafe = _unsafe_pickle_globals(path) or [g for g in [_refused_global(message)] if g]
+        if unsafe:
             raise ModelLoadError(
-                f"{path.name} holds Python objects besides tensors (a full pickle: {detail}), which are refused "
-                "for safety: only plain state dicts of tensors load. Save `model.state_dict()` (or its EMA "
-                "weights) with torch.save, or as .safetensors.") from e
+                f"{path.name} holds Python objects besides tensors (its pickle refers to {' and '.join(unsafe)}), "
+                "which are refused for safety: loading a full pickle can run any code, so only plain state dicts of tensors "
+                "are read. If the file comes from a source you trust, re-save only its tensors on a trusted "
+                "machine (torch.save(model.state_dict(), PATH), or as .safetensors) and turn that into a "
+                "pickle-free model folder with `python -m ilvr convert PATH --out FOLDER`.") from e
+        detail = _weights_only_detail(message)
         if detail:
             raise ModelLoadError(f"{path.name} could not be loaded as a weights-only PyTorch checkpoint ({detail}): "
                                  "the file may be damaged, or was not written by torch.save.") from e
+        first = message.splitlines()[0][:200] if message.strip() else ""
+        if "weights_only" in first or "weights only" in first.lower():
+            first = ""
         raise ModelLoadError(
-            f"{path.name} could not be loaded as a weights-only PyTorch checkpoint ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:200]}). Only plain state dicts are accepted; arbitrary pickles are refused "
+            f"{path.name} could not be loaded as a weights-only PyTorch checkpoint ({type(e).__name__}"
+            f"{': ' + first if first else ''}). Only plain state dicts are accepted; arbitrary pickles are refused "
             "for safety.") from e
     return _unwrap_state_dict(obj, path.name), _train_state_metadata(obj)
+
+
+def _check_regular_file(path: Path) -> None:
+    """A weights file must be a regular file (or a link to one): opening a FIFO blocks, a device never ends."""
+    try:
+        kind = special_kind(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise ModelLoadError(f"weights file not found: {path}") from None
+    except OSError as e:
+        raise ModelLoadError(f"{path} cannot be read ({e.strerror or type(e).__name__})") from None
+    if kind:
+        raise ModelLoadError(f"{path} is not a regular file ({kind}); a model is a weights file or a model folder")
+
+
+_GLOBAL = re.compile(r"\bGLOBAL\s+([A-Za-z_][\w.]*)")  # "Unsupported global: GLOBAL posix.system was not ...",
+# "Trying to load unsupported GLOBAL posix.system whose module posix is blocked"
+
+
+def _refused_global(message: str) -> str | None:
+    """The global (module.name) torch's weights-only unpickler refused, read off its message."""
+    match = _GLOBAL.search(message)
+    return match.group(1).rstrip(".") if match else None
+
+
+_PICKLE_STRINGS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING",
+                   "STRING"}
+
+
+def _pickle_globals(stream, max_ops: int) -> Iterator[str]:
+    """module.name of every global one pickle refers to, read with pickletools, which only parses (nothing
+    runs). STACK_GLOBAL takes its names from the strings pushed before it, memoized ones included."""
+    import pickletools
+
+    strings: list[str | None] = []  # what the ops pushed, as far as it matters here (None: not a string)
+    memo: dict[int, str | None] = {}
+    for count, (op, arg, _) in enumerate(pickletools.genops(stream)):
+        if count > max_ops:
+            return
+        name = op.name
+        if name in ("GLOBAL", "INST"):
+            yield str(arg).replace(" ", ".", 1)
+        elif name == "STACK_GLOBAL" and len(strings) >= 2 and None not in strings[-2:]:
+            yield f"{strings[-2]}.{strings[-1]}"
+        if name in _PICKLE_STRINGS:
+            strings.append(arg if isinstance(arg, str) else bytes(arg).decode("latin-1"))
+        elif name == "MEMOIZE":
+            memo[len(memo)] = strings[-1] if strings else None
+        elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            memo[int(arg)] = strings[-1] if strings else None
+        elif name in ("GET", "BINGET", "LONG_BINGET"):
+            strings.append(memo.get(int(arg)))
+        elif op.stack_after and name not in ("FRAME", "PROTO"):
+            strings.append(None)
+        if name == "STOP":
+            return
+
+
+def _unsafe_pickle_globals(path: Path, max_ops: int = 1_000_000, limit: int = 3) -> list[str]:
+    """The globals outside torch that a checkpoint's pickle refers to and torch's weights-only loader does
+    not allow (posix.system, builtins.eval, argparse.Namespace, ...): what a refusal should name, even where
+    torch stops earlier at one of its own (a bare pickle's tensors) or at protocol 4's framing, which it
+    calls "Unsupported operand 149". The pickle is parsed, never run: the zip archive's data.pkl, or the
+    pickles of a bare file one after another (the legacy torch.save format holds several)."""
+    import zipfile
+
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+        allowed = set(_get_allowed_globals())
+    except Exception:  # a private helper: if torch moves it, what it allowed in torch 2.6 to 2.13
+        allowed = {"collections.OrderedDict", "collections.Counter", "_codecs.encode", "builtins.bytearray",
+                   "builtins.set", "builtins.complex"}
+    found: list[str] = []
+    try:
+        with contextlib.ExitStack() as stack:
+            if zipfile.is_zipfile(path):
+                archive = stack.enter_context(zipfile.ZipFile(path))
+                pickles = [n for n in archive.namelist() if n.endswith("data.pkl")][:1]
+                streams = [stack.enter_context(archive.open(n)) for n in pickles]
+            else:
+                f = stack.enter_context(open(path, "rb"))
+                streams = [f] * 5  # at most the legacy format's magic number, protocol, sys info and data
+            for stream in streams:
+                for name in _pickle_globals(stream, max_ops):
+                    if name not in allowed and not name.startswith("torch.") and name not in found:
+                        found.append(name)
+                        if len(found) >= limit:
+                            return found
+    except Exception:  # the end of the file, or a damaged pickle: what was found so far
+        pass
+    return found
 
 
 def _train_state_metadata(obj: Any) -> dict[str, str]:
@@ -97,9 +198,13 @@ def _unwrap_state_dict(obj: Any, name: str) -> dict[str, torch.Tensor]:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):  # a list or a number would fail later, far from its cause
+        kind = {list: "a list", str: "a string", bool: "true or false", type(None): "null"}.get(type(data), "a number")
+        raise ModelLoadError(f"{path} is not a JSON object (it holds {kind})")
+    return data
 
 
 def _first_existing(folder: Path, names: list[str]) -> Path | None:
@@ -187,7 +292,9 @@ def build_from_files(weights: Path, config: dict[str, Any] | None = None,
     except ModelLoadError:
         raise
     except (TypeError, ValueError, KeyError, IndexError, ZeroDivisionError) as e:
-        raise ModelLoadError(f"{weights.name}: its config or load options cannot be used ({type(e).__name__}: {e})") from e
+        text = str(e) if len(str(e)) <= 200 else str(e)[:200] + "..."  # one field's problem, not a dump of its value
+        raise ModelLoadError(f"{weights.name}: its config or load options cannot be used "
+                             f"({type(e).__name__}: {text})") from e
     if (diffusion.variance_type == "learned_range") != unet_cfg.learn_sigma:
         raise ModelLoadError(
             f"{weights.name}: variance_type {diffusion.variance_type!r} does not fit a UNet with {unet_cfg.out_channels} "
@@ -234,6 +341,7 @@ def load_local(path: Path, **overrides) -> tuple[UNet, DiffusionConfig, dict]:
                                             "../scheduler/scheduler_config.json"])  # path is a pipeline's unet/
         scheduler = _read_json(sched_path) if sched_path else None
         return build_from_files(_weights_in_folder(folder), config, scheduler, **overrides)
+    _check_regular_file(path)  # a FIFO or /dev/zero: said as such, whatever its name
     if path.suffix not in LOADABLE_WEIGHT_SUFFIXES:
         raise ModelLoadError(f"{path.name}: expected a weights file ({', '.join(LOADABLE_WEIGHT_SUFFIXES)}) or a model folder")
     config_path = path.parent / "config.json"
