@@ -23,7 +23,6 @@ killed run) right after writing its n-th image. It exists for the tests; do not 
 """
 from __future__ import annotations
 
-import datetime
 import hashlib
 import os
 import re
@@ -32,13 +31,13 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
 from tqdm import tqdm
 
-from .device import resolve_device
+from .distributed import AnotherRankFailed, Comm, agree
 from .filters import check_factor, check_kernel
 from .images import (IMAGE_SUFFIX_TEXT, ImageError, is_image_name, list_files, load_reference, plural, read_settings,
                      save_png, tensor_to_pil)
@@ -49,8 +48,6 @@ from .sampler import check_unconditional, sample, settings_dict, validate_steps,
 STOP_AFTER_ENV = "ILVR_STOP_AFTER"  # test hook, see the module docstring
 STOP_EXIT_CODE = 75
 FAILED_EXIT_CODE = 1  # some references could not be read; the summary lists them
-TIMEOUT_ENV = "ILVR_DIST_TIMEOUT"  # seconds a collective may wait for the slowest rank (default 2 h)
-DEFAULT_TIMEOUT_S = 7200
 TEMP_NAME = re.compile(r"^\..+\.png\.\d+\.tmp$")  # what ilvr.images.save_png writes before its rename
 MAX_LISTED_FAILURES = 50
 
@@ -62,11 +59,6 @@ def derive_seed(seed: int, key: str, k: int) -> int:
     batch size, process count or order in which outputs are made."""
     digest = hashlib.sha256(f"{seed}|{key}|{k}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def list_references(root: str | os.PathLike, exclude: str | os.PathLike | None = None) -> list[str]:
-    """The image files among list_files (notes.txt or Thumbs.db are no references)."""
-    return [f for f in list_files(root, exclude) if is_image_name(f)]
 
 
 def output_bases(refs: Sequence[str]) -> list[str]:
@@ -173,87 +165,6 @@ def unreadable_text(unreadable: dict[str, str], limit: int = 3) -> str:
 
 # ----------------------------------------------------------------------------- processes
 
-class Comm:
-    """torch.distributed when launched by torchrun (even with one process, so that path is the one a
-    multi-GPU run takes), else a plain single process."""
-
-    def __init__(self, device_arg: str):
-        self.world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-        self.enabled = self.world > 1 or "TORCHELASTIC_RUN_ID" in os.environ
-        self.rank = int(os.environ.get("RANK", "0") or 0) if self.enabled else 0
-        self.local_rank = int(os.environ.get("LOCAL_RANK", str(self.rank)) or 0) if self.enabled else 0
-        if not self.enabled:
-            self.device = resolve_device(device_arg)
-            return
-        import torch.distributed as dist
-
-        want_cuda = device_arg == "cuda" or (device_arg in (None, "auto") and torch.cuda.is_available())
-        if device_arg not in (None, "auto", "cpu", "cuda"):
-            raise ValueError(f"under torchrun each process uses its own GPU, cuda:LOCAL_RANK; pass --device cuda, "
-                             f"cpu or auto (choose GPUs with CUDA_VISIBLE_DEVICES), not {device_arg!r}")
-        if want_cuda:
-            count = torch.cuda.device_count()
-            if self.local_rank >= count:
-                raise ValueError(f"process with LOCAL_RANK {self.local_rank} has no GPU: {count} visible; "
-                                 f"use --nproc_per_node {count} or fewer")
-            self.device = torch.device("cuda", self.local_rank)
-            torch.cuda.set_device(self.device)
-            backend = "nccl"
-        else:
-            self.device = torch.device("cpu")
-            backend = "gloo"
-        timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
-        kwargs: dict[str, Any] = {"device_id": self.device} if backend == "nccl" else {}
-        dist.init_process_group(backend, timeout=timeout, **kwargs)
-        self.backend = backend
-        self.dist = dist
-
-    def sum(self, values: Sequence[int]) -> list[int]:
-        if not self.enabled:
-            return [int(v) for v in values]
-        t = torch.tensor([int(v) for v in values], dtype=torch.int64, device=self.device)
-        self.dist.all_reduce(t)
-        return [int(v) for v in t.tolist()]
-
-    def broadcast(self, obj: Any) -> Any:
-        if not self.enabled:
-            return obj
-        box = [obj]
-        self.dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def gather(self, obj: Any) -> list[Any]:
-        if not self.enabled:
-            return [obj]
-        out: list[Any] = [None] * self.world
-        self.dist.all_gather_object(out, obj)
-        return out
-
-    def barrier(self) -> None:
-        if self.enabled:
-            self.sum([0])
-
-    def close(self) -> None:
-        if self.enabled and self.dist.is_initialized():
-            self.dist.destroy_process_group()
-
-    def say(self, text: str) -> str:
-        return f"[rank {self.rank}] {text}" if self.enabled else text
-
-
-class _AnotherRankFailed(RuntimeError):
-    pass
-
-
-def _agree(comm: Comm, error: BaseException | None) -> None:
-    """Raise on every rank if any rank failed (so none is left waiting in a collective)."""
-    failures = comm.sum([error is not None])[0]
-    if error is not None:
-        raise error
-    if failures:
-        raise _AnotherRankFailed(f"{failures} other process(es) failed; see their messages")
-
-
 # ----------------------------------------------------------------------------- the run
 
 def _settings_differ(old: dict, new: dict) -> list[str]:
@@ -269,7 +180,7 @@ def run_folder(args, load_options: dict[str, object] | None = None) -> int:
     comm = Comm(args.device)
     try:
         return _run(args, comm, load_options or {})
-    except _AnotherRankFailed as e:
+    except AnotherRankFailed as e:
         print(comm.say(f"error: {e}"), file=sys.stderr)
         return 2
     finally:
@@ -299,7 +210,7 @@ def _run(args, comm: Comm, load_options: dict[str, object]) -> int:
             except Exception as e:  # reported by this rank, re-raised below once every rank knows
                 error = e
         comm.barrier()
-    _agree(comm, error)
+    agree(comm, error)
     assert model is not None
     size = model.image_size
     steps_per_sample = len(model.schedule.respace(args.steps).timestep_map)

@@ -17,6 +17,7 @@ from .batch import derive_seed, run_folder
 from .bench import add_arguments as add_bench_arguments
 from .bench import run as run_bench
 from .evaluate import evaluate, reference_files
+from .export import export_model
 from .filters import KERNELS, check_factor
 from .grid import labelled_rows
 from .images import ImageError, load_reference, open_image, plural, save_animation, save_png, tensor_to_pil
@@ -27,7 +28,7 @@ from .registry import DEFAULT_MODEL, generation_factors, scaled_factor
 from .runtime.cpu_memory import keep_freed_heap
 from .sampler import check_unconditional, sample, settings_dict, validate_steps, validate_stop_at
 from .schedule import LOSS_WEIGHTINGS
-from .train import TrainConfig, export_model, train
+from .train import TrainConfig, train
 
 
 def _int_at_least(minimum: int):

@@ -43,7 +43,7 @@ def tiny_unet(seed: int = 0, **overrides) -> UNet:
 @pytest.fixture
 def tiny_checkpoint(tmp_path) -> Path:
     """A random 32 px model saved in our format (config.json + model.safetensors)."""
-    from ilvr.train import export_model
+    from ilvr.export import export_model
 
     folder = tmp_path / "tiny"
     export_model(tiny_unet(), DiffusionConfig(), folder)

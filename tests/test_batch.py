@@ -16,14 +16,14 @@ import pytest
 import torch
 from PIL import Image
 
-from ilvr.batch import (FAILED_EXIT_CODE, STOP_AFTER_ENV, STOP_EXIT_CODE, list_references, make_plan, output_bases,
+from ilvr.batch import (FAILED_EXIT_CODE, STOP_AFTER_ENV, STOP_EXIT_CODE, make_plan, output_bases,
                         shard)
 from ilvr.cli import main
 from ilvr.batch import derive_seed
 from ilvr.images import read_settings
 from ilvr.network import UNet, UNetConfig
 from ilvr.schedule import DiffusionConfig
-from ilvr.train import export_model
+from ilvr.export import export_model
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM = 2
@@ -331,7 +331,7 @@ def test_listing_skips_hidden_files_and_the_output_folder(world, tmp_path):
     (refs / "out" / "sub" / "a_0.png").write_bytes(b"")
     (refs / ".git").mkdir()
     (refs / ".git" / "x.png").write_bytes(b"")
-    assert list_references(refs, exclude=refs / "out") == sorted(GOOD + [BROKEN])
+    assert make_plan(refs, refs / "out", 1).refs == sorted(GOOD + [BROKEN])
     with pytest.raises(ValueError, match="must not be"):
         make_plan(refs, refs, 1)
     with pytest.raises(FileNotFoundError):

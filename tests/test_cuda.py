@@ -107,7 +107,7 @@ def test_train_on_cuda_few_steps(tmp_path):
 
 def test_torchrun_on_cuda_uses_nccl_and_matches_one_process(tmp_path):
     """One process per GPU (cuda:LOCAL_RANK, nccl): the same images as a plain single-process run."""
-    from ilvr.train import export_model
+    from ilvr.export import export_model
 
     export_model(bench.random_model(TINY, DiffusionConfig(), seed=11).unet, DiffusionConfig(), tmp_path / "model")
     refs = tmp_path / "refs"
@@ -199,7 +199,7 @@ def test_fast_copy_leaves_the_plain_model_in_fp32():
 def test_cli_compile_on_cuda(tmp_path):
     """`sample --compile`: torch.compile'd UNet inside the per-run CUDA graph, same images as without."""
     from ilvr.cli import main
-    from ilvr.train import export_model
+    from ilvr.export import export_model
 
     export_model(bench.random_model(TINY, DiffusionConfig(), seed=16).unet, DiffusionConfig(), tmp_path / "model")
     ref = tmp_path / "ref.png"

@@ -9,7 +9,7 @@ from ilvr.network import UNetConfig
 from ilvr.runtime.onnx_cpu import BACKEND_ENV, OnnxUNet, cpu_backend
 from ilvr.sampler import sample
 from ilvr.schedule import DiffusionConfig
-from ilvr.train import export_model
+from ilvr.export import export_model
 
 # learned sigma (6 output channels) and an attention level, as the ADM checkpoints have
 TINY = UNetConfig(image_size=16, out_channels=6, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,

@@ -63,7 +63,7 @@ def run_cli(args: list[str], unprivileged: bool = False) -> subprocess.Completed
 def model16(tmp_path_factory) -> Path:
     from ilvr.network import UNet, UNetConfig
     from ilvr.schedule import DiffusionConfig
-    from ilvr.train import export_model
+    from ilvr.export import export_model
 
     torch.manual_seed(0)
     unet = UNet(UNetConfig(image_size=16, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
