@@ -16,10 +16,10 @@ import torch
 from .batch import derive_seed, run_folder
 from .bench import add_arguments as add_bench_arguments
 from .bench import run as run_bench
-from .evaluate import evaluate, reference_files
+from . import validate
+from .evaluate import evaluate, reference_files, samples_grid
 from .export import export_model
 from .filters import KERNELS, check_factor
-from .grid import labelled_rows
 from .images import ImageError, load_reference, open_image, plural, save_animation, save_png, tensor_to_pil
 from .loading import ModelLoadError, assumed_settings, load_model
 from .model import COMPILE_MODES
@@ -231,7 +231,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_info(args) -> int:
-
     model = load_model(args.model, device="cpu", cpu_backend="torch",  # only looked at: no onnxruntime export
                        **model_options(args))
     d = model.describe()
@@ -276,7 +275,6 @@ def cmd_convert(args) -> int:
 
 
 def cmd_sample(args) -> int:
-
     if args.mask and not args.ref:
         raise ValueError("--mask needs --ref")
     if args.keep_outside and not args.mask:
@@ -355,7 +353,6 @@ def cmd_sample(args) -> int:
 
 
 def cmd_train(args) -> int:
-
     def ints(text: str, what: str) -> tuple[int, ...]:
         try:
             return tuple(int(v) for v in text.split(",") if v.strip())
@@ -382,12 +379,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-
     refs = reference_files(args.refs)
     if not Path(args.data).is_dir():
         raise ValueError(f"--data {args.data} is not a folder of training images")
     model = load_model(args.model, device=args.device, **model_options(args))
-    factors = ([int(v) for v in args.factors.split(",") if v.strip()] if args.factors
+    factors = (validate.n_factors(args.factors, model.image_size) if args.factors
                else generation_factors(model.image_size))
     total = len(refs) * len(factors) * args.num + (0 if args.no_unconditional else args.num)
     bar = tqdm(total=total, desc="eval", unit="sample")
@@ -401,17 +397,12 @@ def cmd_eval(args) -> int:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         print(f"wrote {args.json}")
     if args.grid:
-        rows = []
-        for label, per_ref in kept.items():
-            for ref_path, x in zip(refs if len(per_ref) == len(refs) else ["unconditional"], per_ref):
-                rows.append((f"{label} {Path(ref_path).stem}"[:28], [tensor_to_pil(im * 2 - 1) for im in x]))
-        labelled_rows(rows).save(args.grid)
+        samples_grid(kept, refs).save(args.grid)
         print(f"wrote {args.grid}")
     return 0
 
 
 def cmd_bench(args) -> int:
-
     run_bench(args)
     return 0
 

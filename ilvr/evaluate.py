@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from PIL import Image
 
 from .filters import LowPass, check_factor
-from .images import load_reference, special_kind
+from .grid import labelled_rows
+from .images import load_reference, special_kind, tensor_to_pil
 from .model import DiffusionModel
 from .sampler import sample
 from .train import find_images, load_dataset
@@ -150,6 +152,16 @@ def evaluate(model: DiffusionModel, references: Sequence[str | os.PathLike], dat
         rows.append(row("uncond", None, [draw(None, 1)]))
     return EvalReport(model=model.name, references=[str(Path(r)) for r in references], samples=samples,
                       steps=str(steps), fidelity_scale=scale, real_nearest=real_median, rows=rows)
+
+
+def samples_grid(kept: dict[str, list[torch.Tensor]], references: Sequence[str | os.PathLike]) -> Image.Image:
+    """The samples `evaluate(..., keep=kept)` drew, one labelled row per N and reference."""
+    rows = []
+    for label, per_ref in kept.items():
+        names = [Path(r).stem for r in references] if len(per_ref) == len(references) else ["unconditional"]
+        for name, x in zip(names, per_ref):
+            rows.append((f"{label} {name}"[:28], [tensor_to_pil(im * 2 - 1) for im in x]))
+    return labelled_rows(rows)
 
 
 def reference_files(folder: str | os.PathLike) -> list[Path]:
