@@ -1,7 +1,7 @@
 """Figures for a model card: an unconditional grid and an ILVR grid (rows N = 2, 4, 8, 16, 32).
 
-    python scripts/make_model_card_figures.py --model emoji64 --ref examples/twemoji_cat_face.png \
-        --out checkpoints/emoji64
+    python scripts/make_model_card_figures.py --ref examples/paint_smiley.png --ref eval/references/painted_dog.png \
+        --steps 100 --out checkpoints/emoji-faces-animals64
 """
 from __future__ import annotations
 
@@ -14,12 +14,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ilvr.grid import image_grid, labelled_rows  # noqa: E402
 from ilvr.images import load_reference, tensor_to_pil, to_pils  # noqa: E402
 from ilvr.loading import load_model  # noqa: E402
+from ilvr.registry import DEFAULT_MODEL  # noqa: E402
 from ilvr.sampler import sample  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="emoji64")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--ref", action="append", required=True, help="reference image(s); one ILVR grid each")
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", default="250")
