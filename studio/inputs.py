@@ -2,10 +2,14 @@
 typed settings every tab shares. Values are checked by ``ilvr.validate`` under the app's own limits.
 
 Gradio passes images as file paths, PIL images or arrays, and editor values as dicts of
-``background``, ``layers`` and ``composite``; everything here takes any of those.
+``background``, ``layers`` and ``composite``; everything here takes any of those. Every image is held
+to one pixel limit (``ilvr.images.MAX_PIXELS``), read from its header before anything is decoded:
+``check_pixels``, which the app also runs on uploads before Gradio touches them.
 """
 from __future__ import annotations
 
+import io
+import warnings
 from typing import Any
 
 import numpy as np
@@ -46,9 +50,8 @@ def reference_image(value: Any, what: str = "a reference image") -> Image.Image:
         value = value.get("composite") or value.get("background")
         if value is None:
             raise ImageError(f"upload {what} first (or click one of the examples)")
-    if isinstance(value, np.ndarray):
-        arr = value if value.dtype == np.uint8 else np.clip(value, 0, 255).astype(np.uint8)
-        value = Image.fromarray(arr)
+    if isinstance(value, (np.ndarray, bytes, bytearray, memoryview)):
+        value = _to_pil(value)
     return open_image(value)
 
 
@@ -60,14 +63,47 @@ def _alpha(img: Image.Image) -> np.ndarray:
     return (rgb.min(axis=2) < 250).astype(np.float32)
 
 
+def _too_large(size: tuple[int, int], name: str = "the image") -> ImageError | None:
+    w, h = size
+    if w * h > MAX_PIXELS:
+        return ImageError(f"{name} is {w}x{h}: larger than {MAX_PIXELS // 1_000_000} megapixels")
+    return None
+
+
+def check_pixels(source: Any) -> tuple[int, int]:
+    """An image's (width, height) read from its header (a file path, bytes or an image); raises
+    ImageError when it is over the pixel limit or not an image. Nothing is decoded."""
+    if isinstance(source, Image.Image):
+        size = source.size
+    elif isinstance(source, np.ndarray):
+        size = (source.shape[1], source.shape[0]) if source.ndim >= 2 else (0, 0)
+    else:
+        data = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit is checked below
+                with Image.open(data) as img:
+                    size = img.size
+        except Image.DecompressionBombError as e:  # Pillow's own limit, above ours
+            raise ImageError(f"the image is larger than {MAX_PIXELS // 1_000_000} megapixels") from e
+        except (OSError, ValueError, SyntaxError) as e:  # UnidentifiedImageError is an OSError
+            raise ImageError(f"the file is not an image this app can read ({type(e).__name__})") from e
+    error = _too_large(size)
+    if error is not None:
+        raise error
+    return size
+
+
 def _to_pil(x: Any) -> Image.Image:
-    """A PIL image from a PIL image, an array or a file path, keeping its alpha."""
+    """A PIL image from a PIL image, an array, bytes or a file path, keeping its alpha; the pixel limit
+    is checked from the header before the file is decoded."""
+    check_pixels(x)
     if isinstance(x, Image.Image):
         return x
     if isinstance(x, np.ndarray):
         return Image.fromarray(x if x.dtype == np.uint8 else np.clip(x, 0, 255).astype(np.uint8))
     try:
-        img = Image.open(x)
+        img = Image.open(io.BytesIO(x) if isinstance(x, (bytes, bytearray, memoryview)) else x)
         img.load()
     except Image.DecompressionBombError as e:
         raise ImageError(f"the image is larger than {MAX_PIXELS // 1_000_000} megapixels") from e

@@ -137,6 +137,36 @@ class StopFlags:
         return len(events)
 
 
+class ActiveRuns:
+    """Browser sessions with a run in progress, counted, so a public server can refuse a session's
+    second run (app.py also looks at the queue for runs still waiting)."""
+
+    def __init__(self) -> None:
+        self._runs: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def start(self, session: str | None) -> None:
+        if session:
+            with self._lock:
+                self._runs[session] = self._runs.get(session, 0) + 1
+
+    def finish(self, session: str | None) -> None:
+        if session:
+            with self._lock:
+                left = self._runs.get(session, 0) - 1
+                if left > 0:
+                    self._runs[session] = left
+                else:
+                    self._runs.pop(session, None)
+
+    def busy(self, session: str | None) -> bool:
+        with self._lock:
+            return bool(session) and session in self._runs
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+
 def run_job(model: DiffusionModel, job: Job, stop: threading.Event | None = None,
             poll_s: float = 0.5) -> Generator[Update, None, JobResult]:
     """Sample a job in a worker thread; yield an Update (with a preview grid of the predicted x0)

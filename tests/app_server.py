@@ -22,9 +22,12 @@ def free_port() -> int:
 
 
 class AppServer:
-    """``python app.py --port P`` with a quiet, offline, single-threaded environment."""
+    """``python app.py --port P`` with a quiet, offline, single-threaded environment. ``args`` replace
+    ``--host 127.0.0.1`` (e.g. ``["--host", "0.0.0.0"]``: a public server, still reached on 127.0.0.1);
+    ``extra_env`` adds to the environment."""
 
-    def __init__(self, workdir: Path, startup_timeout_s: float = 180.0):
+    def __init__(self, workdir: Path, startup_timeout_s: float = 180.0, args: list[str] | None = None,
+                 extra_env: dict[str, str] | None = None):
         self.workdir = workdir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
@@ -37,10 +40,11 @@ class AppServer:
             "ILVR_CACHE": str(workdir / "hub"),
             "ILVR_APP_OUTPUTS": str(workdir / "outputs"),
             "PYTHONUNBUFFERED": "1",
+            **(extra_env or {}),
         })
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(self.port)],
-                                     cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        command = [sys.executable, "app.py", *(args or ["--host", "127.0.0.1"]), "--port", str(self.port)]
+        self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         self._wait(startup_timeout_s)
 
     def _wait(self, timeout_s: float) -> None:

@@ -1,0 +1,600 @@
+"""The page: the four tabs' widgets as a table (TabSpec), the blocks every tab shares, and the input
+components the app uses in place of Gradio's own. The only module of studio/ that imports gradio;
+app.py wires these widgets to its endpoints.
+
+Input components are same-named subclasses of Gradio's whose ``preprocess`` never raises: a value
+Gradio would refuse (a choice not in the list, a slider out of range, an unreadable or oversized
+image) arrives at the endpoint as ``Refused`` and the endpoint answers it with a clean message, so
+the server log gets no traceback. Images are held to the pixel limit from their headers before
+anything decodes them (sketch pad and scribble editor layers included); the seed arrives unrounded,
+so 1.5 is refused rather than taken as 2.
+"""
+from __future__ import annotations
+
+import base64
+import functools
+import io
+import re
+import threading
+from abc import ABCMeta
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import gradio as gr
+import pydantic
+from gradio.components.base import server
+from gradio.components.image_editor import EditorData as _EditorData
+from gradio.data_classes import ImageData as _ImageData
+from gradio.templates import Sketchpad as _Sketchpad
+from PIL import Image
+
+from ilvr.filters import KERNELS
+from ilvr.images import MAX_PIXELS, ImageError
+from ilvr.registry import DEFAULT_MODEL, MODELS, SCRIBBLE_STOP_AT, generation_factors
+from ilvr.validate import SAMPLERS
+
+from .inputs import MAX_SAMPLES, check_pixels
+from .jobs import ActiveRuns
+from .tasks import GENERATION_MODES, PAINT_SOURCES
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+MAX_UPLOAD = "25mb"  # launch(max_file_size=...): uploads and editor blobs
+MAX_BLOB_BYTES = 25 * 2 ** 20
+STEP_CHOICES = ["10", "25", "50", "100", "250", "500", "1000", "ddim50", "ddim100"]
+BRUSH_COLORS = ["#202020", "#ffffff", "#e8283c", "#ff8c1a", "#ffcc33", "#5cb85c", "#2f7de1", "#9b59b6",
+                "#f5a3c7", "#8b5a2b", "#f1c27d", "#c68642"]
+CSS = """
+.ilvr-explain {font-size: 0.95em; opacity: 0.9}
+.ilvr-gallery img {image-rendering: pixelated}
+.ilvr-gallery .grid-container {grid-template-columns: repeat(auto-fill, minmax(100px, 1fr)) !important}
+"""
+INTRO = (
+    "# ILVR Studio\n"
+    "Iterative Latent Variable Refinement ([Choi et al., ICCV 2021](https://arxiv.org/abs/2108.02938)) "
+    "steers an unconditional diffusion model with a reference image, without any training: at every "
+    "denoising step the sample's low frequencies (the image shrunk by a factor **N** and blown back up) "
+    "are replaced by the reference's, noised to the same level. Small N copies the reference closely; "
+    "large N keeps only its rough layout and colours, and the model invents the rest.")
+FOOTER = ("Runs on a CUDA GPU when available (float16), else on Apple's MPS or the CPU (float32). "
+          "One run at a time on CPU; further runs wait in the queue. "
+          "Bundled model and examples: Noto Emoji (Apache-2.0); Twemoji examples CC-BY-4.0, "
+          "Twitter, Inc. and other contributors (see examples/README.md).")
+
+
+def user_error(message: str, title: str) -> gr.Error:
+    """An expected mistake of the user's: shown in the page, not logged with a traceback."""
+    return gr.Error(message, title=title, print_exception=False)
+
+
+# ----------------------------------------------------------------------------- input components
+@dataclass(frozen=True)
+class Refused:
+    """What an input component passes on in place of a value it could not take."""
+
+    message: str
+    title: str = "Check the inputs"
+
+    def __bool__(self) -> bool:  # the private events' `if value` treat it as something the user gave
+        return True
+
+
+def refused(*values: Any) -> None:
+    """Raise the first Refused among an endpoint's arguments as a user error."""
+    for value in values:
+        if isinstance(value, Refused):
+            raise user_error(value.message, value.title)
+
+
+def _image_refusal(e: Exception) -> Refused:
+    """Too large, or not an image: said without echoing the server's file names."""
+    text = str(e)
+    if "megapixels" in text or isinstance(e, Image.DecompressionBombError):
+        return Refused(f"The uploaded image is larger than {MAX_PIXELS // 1_000_000} megapixels. Shrink it first: "
+                       "it is resized to the model's resolution anyway.", "Image too large")
+    kind = re.search(r"\((\w+)\)$", text) if isinstance(e, ImageError) else None
+    return Refused(f"The uploaded file is not an image this app can read ({kind.group(1) if kind else type(e).__name__}"
+                   "). Use a PNG, JPEG or WebP.", "Unreadable image")
+
+
+def _source_of(data: Any) -> Any:
+    """What check_pixels reads for one image of a payload: a file path, bytes (an editor blob or a
+    data: URL), or None."""
+    if data is None or isinstance(data, (bytes, bytearray, memoryview)):
+        return data
+    url = getattr(data, "url", None) or ""
+    if url.startswith("data:"):
+        return base64.b64decode(url.split(",", 1)[-1])
+    return getattr(data, "path", None)
+
+
+def _checked(data: Any) -> Any:
+    """One editor image after its header check: a file path, or a lazily opened image (nothing decoded)."""
+    source = _source_of(data)
+    if source is None:
+        return None
+    check_pixels(source)
+    return source if isinstance(source, str) else Image.open(io.BytesIO(source))
+
+
+class BlobStore:
+    """The editors' uploaded canvases (Gradio keeps them per component, unbounded, and grows a layer list
+    to any index a client names): at most max_bytes and max_entries, oldest dropped first. A run takes
+    its entry out (``take``); a preprocess only reads it, since a validator preprocesses too."""
+
+    def __init__(self, max_bytes: int = 64 * 2 ** 20, max_entries: int = 512, max_layers: int = 4):
+        self.max_bytes, self.max_entries, self.max_layers = max_bytes, max_entries, max_layers
+        self._entries: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _size(self, entry: dict) -> int:
+        return sum(len(b) for b in (entry["background"], entry["composite"], *entry["layers"]) if b)
+
+    def put(self, key: str, kind: str, index: int | None, blob: bytes) -> None:
+        if kind not in ("background", "composite", "layer") or len(blob) > MAX_BLOB_BYTES:
+            return
+        if kind == "layer" and not (index is not None and 0 <= index < self.max_layers):
+            return
+        with self._lock:
+            entry = self._entries.pop(key, None) or {"background": None, "composite": None, "layers": []}
+            if kind == "layer":
+                entry["layers"] += [None] * (index + 1 - len(entry["layers"]))
+                entry["layers"][index] = blob
+            else:
+                entry[kind] = blob
+            self._entries[key] = entry
+            total = sum(self._size(e) for e in self._entries.values())
+            while self._entries and (total > self.max_bytes or len(self._entries) > self.max_entries):
+                total -= self._size(self._entries.popitem(last=False)[1])
+
+    def get(self, key: str) -> dict | None:
+        with self._lock:
+            return self._entries.get(key)
+
+    def take(self, key: str | None) -> None:
+        with self._lock:
+            self._entries.pop(key or "", None)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+BLOBS = BlobStore()
+
+
+def _editor_preprocess(self, payload):
+    """The editor's value as {background, layers, composite, id}: file paths (or lazily opened blobs),
+    each checked from its header; Refused when one is over the pixel limit or not an image."""
+    if payload is None:
+        return None
+    parts = {"background": payload.background, "layers": list(payload.layers or []), "composite": payload.composite}
+    if payload.id is not None:
+        parts = BLOBS.get(payload.id) or parts
+    try:
+        return {"background": _checked(parts["background"]), "composite": _checked(parts["composite"]),
+                "layers": [x for x in (_checked(layer) for layer in parts["layers"]) if x is not None],
+                "id": payload.id}
+    except (ImageError, ValueError, OSError) as e:
+        return _image_refusal(e)
+
+
+def accept_blobs(self, data):
+    """The editor's upload of its canvas (a Gradio server function, named as Gradio's: the page calls
+    it by name), into the bounded BLOBS."""
+    body = getattr(data, "data", None)
+    files = getattr(data, "files", None)
+    if not isinstance(body, dict) or not files:
+        return
+    try:
+        index = int(body["index"]) if body.get("index") not in (None, "", "null") else None
+        BLOBS.put(str(body["id"]), str(body["type"]), index, bytes(files[0][1]))
+    except (KeyError, ValueError, TypeError, IndexError):
+        return
+
+
+def _quiet_preprocess(original: Callable) -> Callable:
+    def preprocess(self, payload):
+        try:
+            return original(self, payload)
+        except gr.Error as e:
+            return Refused(str(e.message), e.title or "Check the inputs")
+        except Exception as e:  # noqa: BLE001 - any value an API client sends
+            return Refused(f"{self.label or 'A value'} could not be read ({type(e).__name__}).")
+    return preprocess
+
+
+def _lenient(model: type) -> type:
+    """A component's data model (same name, same schema) that reads a payload it cannot validate (a
+    string where a file was expected) as an empty value: Gradio validates it before preprocess, and
+    its ValidationError would reach the log as a traceback."""
+    def or_empty(cls, value, handler):
+        try:
+            return handler(value)
+        except pydantic.ValidationError:
+            return handler({})
+    validator = pydantic.model_validator(mode="wrap")(classmethod(or_empty))
+    return type(model.__name__, (model,), {"__module__": model.__module__, "lenient_payload": validator})
+
+
+def _image_preprocess(self, payload):
+    if payload is not None:
+        try:
+            source = _source_of(payload)
+            if source is None:
+                return Refused("The image is not an uploaded file (gradio_client: handle_file(path)).")
+            check_pixels(source)
+        except (ImageError, ValueError, OSError) as e:
+            return _image_refusal(e)
+    try:
+        return gr.Image.preprocess(self, payload)
+    except gr.Error as e:
+        return Refused(str(e.message), e.title or "Unreadable image")
+    except Exception as e:  # noqa: BLE001
+        return _image_refusal(e)
+
+
+def _seed_preprocess(self, payload):
+    """The typed number as sent (Gradio's precision=0 would round 1.5 to 2): the endpoint checks it."""
+    return payload
+
+
+def _guarded(base: type, **methods: Any) -> type:
+    """A subclass of a Gradio component with the same name (so the page draws it the same) and these
+    methods. A subclass, not a patched instance: Gradio re-creates a component in the session
+    (``block.__class__(**args)``) when an event updates it (an example click, a visibility change),
+    and a patched instance would lose its patch there. Made with ABCMeta.__new__, skipping
+    ComponentMeta.__new__, which writes a .pyi stub next to any module that subclasses a component."""
+    name = base.__base__.__name__.lower() if getattr(base, "is_template", False) else base.__name__.lower()
+    attrs = {"__module__": __name__, "__qualname__": base.__qualname__, "__doc__": base.__doc__,
+             "get_block_name": lambda self: name, "get_block_class": lambda self: name, **methods}
+    return ABCMeta.__new__(type(base), base.__name__, (base,), attrs)
+
+
+Dropdown, Radio, Slider, Checkbox, Textbox = (_guarded(c, preprocess=_quiet_preprocess(c.preprocess))
+                                              for c in (gr.Dropdown, gr.Radio, gr.Slider, gr.Checkbox, gr.Textbox))
+ImageUpload = _guarded(gr.Image, preprocess=_image_preprocess, data_model=_lenient(_ImageData))
+_EDITOR = dict(preprocess=_editor_preprocess, accept_blobs=server(accept_blobs), data_model=_lenient(_EditorData))
+ImageEditor = _guarded(gr.ImageEditor, **_EDITOR)
+Sketchpad = _guarded(_Sketchpad, **_EDITOR)
+Seed = _guarded(gr.Number, preprocess=_seed_preprocess)
+
+
+# ----------------------------------------------------------------------------- endpoints
+def endpoint(running: ActiveRuns) -> Callable:
+    """Decorates a sampling endpoint: refuses what an input component could not take (Refused) before
+    any work, counts the session's run in `running` while it lasts, and drops the editors' canvases
+    afterwards."""
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)  # Gradio reads the wrapped signature (gr.Request, gr.Progress, API names)
+        def run(*args, **kwargs):
+            values = args + tuple(kwargs.values())
+            request = next((v for v in values if isinstance(v, gr.Request)), None)
+            session = getattr(request, "session_hash", None)
+            running.start(session)
+            try:
+                refused(*values)
+                yield from fn(*args, **kwargs)
+            finally:
+                running.finish(session)
+                for v in values:
+                    if isinstance(v, dict) and "id" in v:
+                        BLOBS.take(v["id"])
+        return run
+    return decorate
+
+
+def one_run_per_session(demo: gr.Blocks, endpoint_fn: Callable, running: ActiveRuns) -> Callable:
+    """A validator for a sampling event (Gradio runs it when a run is queued, before it waits): a
+    session with a run running (`running`) or waiting in the sampling queue is refused a second place
+    in the queue. Refused by raising: the page shows that as an error toast (a validation message
+    would flash for a moment beside an input while the first run streams); gradio_client callers get
+    HTTP 400 from /queue/join, and the server log one line."""
+    @functools.wraps(endpoint_fn)
+    def validate(*args, **kwargs):
+        values = args + tuple(kwargs.values())
+        request = next((v for v in values if isinstance(v, gr.Request)), None)
+        session = getattr(request, "session_hash", None)
+        queues = getattr(getattr(demo, "_queue", None), "event_queue_per_concurrency_id", None) or {}
+        waiting = getattr(queues.get("sampling"), "queue", None) or []
+        if running.busy(session) or any(getattr(e, "session_hash", None) == session for e in waiting):
+            raise user_error("You already have a run queued or running: wait for it to finish, or press Cancel. "
+                             "This server takes one run per visitor at a time.", "One run at a time")
+        return [gr.validate(True, "") for v in values if not isinstance(v, (gr.Request, gr.Progress))]
+    return validate
+
+def install_pixel_limit() -> None:
+    """Pillow refuses, from the header, any image over the app's pixel limit everywhere in this process
+    (Gradio's own decoding included): its error starts at twice MAX_IMAGE_PIXELS."""
+    import warnings
+
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS // 2
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+
+# ----------------------------------------------------------------------------- building blocks of a tab
+class Advanced(NamedTuple):
+    """The Advanced accordion's widgets, in the order of the run_* parameters."""
+
+    samples: gr.Slider
+    steps: gr.Dropdown
+    stop: gr.Slider
+    kernel: gr.Dropdown
+    sampler: gr.Radio
+    seed: gr.Number
+
+
+def advanced(prefix: str, samples: int, stop_at: int = 0, samples_label: str = "Number of samples",
+             stop_info: str = "") -> Advanced:
+    """The Advanced accordion shared by the tabs: steps, stop step, filter, sampler, seed, samples."""
+    with gr.Accordion("Advanced settings", open=False, elem_id=f"{prefix}-advanced"):
+        with gr.Row():
+            steps = Dropdown(STEP_CHOICES, value="250", allow_custom_value=True, label="Steps",
+                             info="Respaced sampling steps (250 = the default, good quality; 1000 = as in the "
+                                  "paper's figures; 25-50 = fast preview; 'ddim50' = 50 steps spaced as in "
+                                  "DDIM's paper, for the DDIM sampler below)",
+                             elem_id=f"{prefix}-steps")
+            stop = Slider(0, 1000, value=stop_at, step=10, label="Stop step",
+                          info=stop_info or "Condition on the reference only from step 1000 down to this "
+                                            "step; later steps run free (0 = every step)",
+                          elem_id=f"{prefix}-stop")
+        with gr.Row():
+            kernel = Dropdown(list(KERNELS), value="cubic", label="Filter (φ_N)",
+                              info="resize-right kernel of the low-pass: down by N, back up")
+            sampler = Radio(list(SAMPLERS), value="ddpm", label="Sampler")
+        with gr.Row():
+            seed = Seed(value=0, precision=0, label="Seed", info="sample k uses seed + k; -1 = random",
+                        elem_id=f"{prefix}-seed")
+            count = Slider(1, MAX_SAMPLES, value=samples, step=1, label=samples_label, elem_id=f"{prefix}-samples")
+    return Advanced(count, steps, stop, kernel, sampler, seed)
+
+
+def debounce_js(button_id: str, ms: int = 1500) -> str:
+    """Browser-side: disable the run button for a moment after a click. Gradio's trigger_mode="once"
+    misses a fast double click, which queued the same run twice (twice the wait on a CPU Space). The
+    inputs pass through unchanged, and the button comes back even if the run fails or is cancelled."""
+    return (f"(...args) => {{ const b = document.getElementById('{button_id}'); "
+            f"if (b) {{ b.disabled = true; setTimeout(() => {{ b.disabled = false; }}, {ms}); }} return args; }}")
+
+
+def run_buttons(prefix: str, label: str):
+    """The run and cancel buttons under a tab's settings (#PREFIX-run, #PREFIX-cancel)."""
+    with gr.Row():
+        run = gr.Button(label, variant="primary", elem_id=f"{prefix}-run")
+        cancel = gr.Button("Cancel", variant="stop", elem_id=f"{prefix}-cancel")
+    return run, cancel
+
+
+def result_area(prefix: str, label: str):
+    """Result area: status (progress, then seeds and settings), the labelled grid (live preview of the
+    predicted x0 while sampling), the samples, and the PNG files. Returned as [grid, gallery, files, info],
+    the order of the run_* outputs."""
+    info = gr.Markdown(f"Results, seeds and settings appear here. {label}; while sampling, the grid previews "
+                       "the predicted x₀.", elem_id=f"{prefix}-info", container=True, padding=True, min_height=56)
+    # no labels drawn over the images: the grid has its own row labels, the gallery its captions
+    grid = gr.Image(label=label, show_label=False, type="pil", format="png", interactive=False, height=520,
+                    elem_id=f"{prefix}-grid")
+    gallery = gr.Gallery(label="Samples (PNG with settings embedded)", show_label=False, columns=6, height=260,
+                         format="png", elem_classes="ilvr-gallery", object_fit="contain", elem_id=f"{prefix}-gallery")
+    files = gr.File(label="Download PNGs (seed and settings in each file's ilvr text chunk)",
+                    file_count="multiple", interactive=False, height=140, elem_id=f"{prefix}-files")
+    return [grid, gallery, files, info]
+
+
+def example_path(name: str) -> str:
+    return str(EXAMPLES / name)
+
+
+def scribble_example(name: str) -> dict:
+    return {"background": example_path(f"{name}_background.png"), "layers": [example_path(f"{name}_layer.png")],
+            "composite": example_path(f"{name}_composite.png")}
+
+
+def reference_upload(label: str, elem_id: str):
+    return ImageUpload(label=label, type="filepath", image_mode=None, sources=["upload", "clipboard"], height=260,
+                       elem_id=elem_id)
+
+
+def n_dropdown(choices: list[int], value: int):
+    return Dropdown(choices, value=value, allow_custom_value=True, label="N",
+                    info="low-pass factor; must divide the image size")
+
+
+# ----------------------------------------------------------------------------- each tab's own inputs
+# A tab's layout function makes the widgets above its Advanced settings and returns them by name: the
+# run inputs (TabSpec.inputs) and anything its wiring needs. Its wiring function (optional) connects them.
+
+def generation_layout(p: dict[str, int], choices: list[int], size: int) -> dict[str, Any]:
+    widgets = dict(image=reference_upload("Reference", "gen-image"),
+                   mode=Radio(list(GENERATION_MODES), value=GENERATION_MODES[0], label="Grid rows"),
+                   factors=Textbox(", ".join(str(n) for n in generation_factors(size)),
+                                   label="N values (one row each)",
+                                   info="divisors of the model's image size, comma-separated", elem_id="gen-factors"))
+    with gr.Row(visible=False) as widgets["range_row"]:
+        widgets["range_n"] = Dropdown(choices, value=p["generation"], allow_custom_value=True,
+                                      label="N for the range sweep")
+        widgets["stops"] = Textbox("0, 250, 500, 750", label="Stop steps (one row each)",
+                                   info="row s conditions on steps 1000→s")
+    return widgets
+
+
+def generation_wiring(tab: Tab) -> None:
+    """An N sweep shows the N values and one stop step; a range sweep its N and stop steps instead."""
+    w = tab.widgets
+    w["mode"].change(lambda m: (gr.update(visible=m == GENERATION_MODES[0]),
+                                gr.update(visible=m != GENERATION_MODES[0]),
+                                gr.update(visible=m == GENERATION_MODES[0])),  # the sweep sets stops per row
+                     w["mode"], [w["factors"], w["range_row"], tab.advanced.stop], queue=False,
+                     api_visibility="private")
+
+
+def translation_layout(p: dict[str, int], choices: list[int], size: int) -> dict[str, Any]:
+    return dict(image=reference_upload("Reference (any domain)", "tr-image"), n=n_dropdown(choices, p["translation"]))
+
+
+def paint_layout(p: dict[str, int], choices: list[int], size: int) -> dict[str, Any]:
+    widgets = dict(source=Radio(list(PAINT_SOURCES), value=PAINT_SOURCES[0], label="Reference from",
+                                elem_id="paint-source"))
+    with gr.Tabs():
+        with gr.Tab("Upload a painting"):
+            widgets["image"] = reference_upload("Painting / clip-art", "paint-image")
+        with gr.Tab("Sketch pad"):
+            widgets["sketch"] = Sketchpad(
+                label="Paint here (white background)", type="filepath", image_mode="RGBA", canvas_size=(256, 256),
+                height=340, layers=False, brush=gr.Brush(colors=BRUSH_COLORS, default_size=18,
+                                                         default_color="#ffcc33"), elem_id="paint-pad")
+    widgets["n"] = n_dropdown(choices, p["paint"])
+    return widgets
+
+
+def paint_wiring(tab: Tab) -> None:
+    """The source follows what the user did last: uploaded a painting or painted on the pad."""
+    w = tab.widgets
+    w["image"].change(lambda v: PAINT_SOURCES[0] if v else gr.skip(), w["image"], w["source"], queue=False,
+                      api_visibility="private")
+    w["sketch"].input(lambda: PAINT_SOURCES[1], None, w["source"], queue=False, api_visibility="private")
+
+
+def scribble_layout(p: dict[str, int], choices: list[int], size: int) -> dict[str, Any]:
+    widgets = dict(editor=ImageEditor(
+        label="Image to edit: upload, then draw with the brush", type="filepath", image_mode="RGBA",
+        canvas_size=(256, 256), fixed_canvas=True, height=360, transforms=(), layers=False,
+        sources=["upload", "clipboard"], brush=gr.Brush(colors=BRUSH_COLORS, default_size=16, default_color="#202020"),
+        elem_id="sc-editor"))
+    with gr.Row():
+        widgets["n"] = n_dropdown(choices, p["scribble"])
+        widgets["keep_unedited"] = Checkbox(False, label="Keep unedited region",
+                                            info="pin everything away from the strokes to the input", elem_id="sc-keep")
+    return widgets
+
+
+# ----------------------------------------------------------------------------- the table of tabs
+@dataclass(frozen=True)
+class TabSpec:
+    """Everything that differs between the four tabs; build_tab and app.wire_tab do the rest."""
+
+    name: str  # the tab's id, its job's task, its key in the N presets (ilvr.registry.PAPER_PRESETS)
+    title: str
+    prefix: str  # of the elem_ids: #PREFIX-run, #PREFIX-info, #PREFIX-steps ... (the browser test uses them)
+    explain: str
+    layout: Callable[[dict[str, int], list[int], int], dict[str, Any]]
+    inputs: tuple[str, ...]  # the layout's widgets passed to the endpoint, after the model picker's two values
+    api_name: str  # the endpoint (app.ENDPOINTS[name]) is served as /api_name
+    run_label: str
+    grid_label: str
+    examples: tuple[Any, ...]  # values for the widget named example_input
+    examples_label: str
+    example_input: str = "image"
+    n_input: str = "n"  # the N dropdown that a newly loaded model's preset for this tab updates
+    uploads: tuple[str, ...] = ("image",)  # image uploads checked as soon as they arrive
+    samples: int = 4
+    samples_label: str = "Number of samples"
+    stop_at: int = 0
+    stop_info: str = ""
+    wiring: Callable[[Tab], None] | None = None
+
+
+TABS = [
+    TabSpec(
+        name="generation", title="N-factor generation", prefix="gen",
+        explain="One reference, many samples: each row uses a different **N** (paper Fig. 4). Samples share "
+                "the reference's image shrunk by N: N=2 gives near copies, N=32 only the colours. The range "
+                "sweep (Fig. 5) fixes N and varies the **stop step**: conditioning on steps 1000→s; a larger "
+                "s leaves more late steps free, so fine details vary more.",
+        layout=generation_layout, inputs=("image", "mode", "factors", "range_n", "stops"), n_input="range_n",
+        api_name="generate", run_label="Generate grid",
+        grid_label="The grid has a row per N (or per stop step in a range sweep)",
+        examples=(example_path("noto_grinning_face.png"), example_path("noto_fox.png"),
+                  example_path("twemoji_sun_with_face.png")),
+        examples_label="Examples (Noto Emoji, Apache-2.0; Twemoji, CC-BY-4.0)",
+        samples=3, samples_label="Samples per row", wiring=generation_wiring),
+    TabSpec(
+        name="translation", title="Domain translation", prefix="tr",
+        explain="Give a reference from *another* domain (here: Twemoji drawings for a model trained on Noto "
+                "emoji). **N** sets how much of it survives: the paper uses N=32 at 256 px (scaled to your "
+                "model); lower N follows the reference more, higher N looks more like the model's own images. "
+                "The **stop step** ends conditioning early (0 = all steps).",
+        layout=translation_layout, inputs=("image", "n"),
+        api_name="translate", run_label="Translate",
+        grid_label="The grid shows the reference, then the translations",
+        examples=(example_path("twemoji_cat_face.png"), example_path("twemoji_frog.png"),
+                  example_path("twemoji_sun_with_face.png")),
+        examples_label="Examples (Twemoji by Twitter, CC-BY-4.0)"),
+    TabSpec(
+        name="paint", title="Paint-to-image", prefix="paint",
+        explain="Upload a painting or clip-art, or paint one on the sketch pad: flat colour regions become "
+                "realistic images. A large **N** (paper: 64 at 256 px, scaled) keeps only the colour layout, "
+                "so brush strokes turn into model-like texture; the **stop step** frees the last steps.",
+        layout=paint_layout, inputs=("source", "image", "sketch", "n"),
+        api_name="paint", run_label="Paint to image",
+        grid_label="The grid shows the painting, then the images made from it",
+        examples=(example_path("paint_smiley.png"), example_path("paint_heart.png"), example_path("paint_cat.png")),
+        examples_label="Examples (drawn by scripts/make_app_examples.py)", wiring=paint_wiring),
+    TabSpec(
+        name="scribble", title="Scribble editing", prefix="sc",
+        explain="Upload an image and draw coloured scribbles on it. ILVR with a small **N** (paper: 8 at 256 "
+                "px, scaled) follows your edited image on steps 1000→**stop step** (200), then the free last "
+                "steps blend the strokes into realistic detail. *Keep unedited region* changes only the area "
+                "around your strokes.",
+        layout=scribble_layout, inputs=("editor", "n", "keep_unedited"),
+        api_name="scribble", run_label="Apply scribbles",
+        grid_label="The grid shows the edited input (and mask), then the results",
+        examples=(scribble_example("scribble_sunglasses"), scribble_example("scribble_green_apple")),
+        examples_label="Examples (Noto Emoji, Apache-2.0, with drawn scribbles)", example_input="editor",
+        uploads=(), stop_at=SCRIBBLE_STOP_AT,
+        stop_info="Condition on the edited image from step 1000 down to this step, then run free so strokes "
+                  "become realistic (paper: 200)"),
+]
+
+
+# ----------------------------------------------------------------------------- the page
+@dataclass
+class Tab:
+    """A built tab: its spec and its widgets."""
+
+    spec: TabSpec
+    widgets: dict[str, Any]
+    advanced: Advanced
+    run: gr.Button
+    cancel: gr.Button
+    results: list  # [grid, gallery, files, info], the run's outputs
+
+
+@dataclass
+class ModelPicker:
+    choice: gr.Dropdown
+    path: gr.Textbox
+    load: gr.Button
+    status: gr.Markdown
+
+
+def model_picker(allow_paths: bool) -> ModelPicker:
+    with gr.Row():
+        choice = Dropdown([m.name for m in MODELS], value=DEFAULT_MODEL, label="Model", scale=2,
+                          info=f"{DEFAULT_MODEL} is bundled and works offline; the others download "
+                               "from the Hugging Face Hub on first use")
+        path = Textbox("", label="…or a local checkpoint", scale=2, elem_id="model-path",
+                       placeholder="path to a .pt / .safetensors file or a diffusers folder",
+                       info="overrides the list when filled; the status line says what a "
+                            "guided-diffusion .pt left to assume",
+                       visible=allow_paths)  # hidden (and refused) on a public server
+        load = gr.Button("Load model", scale=1, elem_id="load-model")
+    status = gr.Markdown("Loading the bundled model …", elem_id="model-status")
+    return ModelPicker(choice, path, load, status)
+
+
+def build_tab(spec: TabSpec, p: dict[str, int], choices: list[int], size: int) -> Tab:
+    """Explanation; inputs, Advanced settings and buttons on the left; results on the right; examples."""
+    with gr.Tab(spec.title, id=spec.name):
+        gr.Markdown(spec.explain, elem_classes="ilvr-explain")
+        with gr.Row():
+            with gr.Column(scale=2):
+                widgets = spec.layout(p, choices, size)
+                adv = advanced(spec.prefix, spec.samples, stop_at=spec.stop_at, samples_label=spec.samples_label,
+                               stop_info=spec.stop_info)
+                run, cancel = run_buttons(spec.prefix, spec.run_label)
+            with gr.Column(scale=3):
+                results = result_area(spec.prefix, spec.grid_label)
+        gr.Examples([[value] for value in spec.examples], inputs=[widgets[spec.example_input]],
+                    label=spec.examples_label)
+    return Tab(spec, widgets, adv, run, cancel, results)
