@@ -393,11 +393,17 @@ class ModelCache:
         if key not in BY_NAME and local.exists():
             check_limits(inspect_checkpoint(local, self.limits), self.limits, self.detailed_errors)
         device = resolve_device(self.device)
-        model = self.loader(key, device=device, dtype=default_dtype(device))
+        model = self.loader(key, device=device, dtype=default_dtype(device), check=self._within_limits)
         check_limits(Inspection(image_size=model.image_size, parameters=count_parameters(model.unet),
                                 train_timesteps=model.diffusion.num_train_timesteps), self.limits,
-                     self.detailed_errors)
+                     self.detailed_errors)  # a loader that did not call the check (tests pass their own)
         return model
+
+    def _within_limits(self, unet_config, diffusion, parameters: int) -> None:
+        """ilvr.loading's hook: refuse a model over the limits before its weights are placed or exported
+        (Hub downloads and pickles that inspect_checkpoint cannot read ahead are caught here)."""
+        check_limits(Inspection(image_size=unet_config.image_size, parameters=parameters,
+                                train_timesteps=diffusion.num_train_timesteps), self.limits, self.detailed_errors)
 
     def _remember_failure(self, key: str, stamp: int | None, message: str) -> None:
         with self._lock:

@@ -602,3 +602,25 @@ def test_head_options_must_be_whole_numbers_above_zero(tmp_path, option):
     name = next(iter(option))
     with pytest.raises(ModelLoadError, match=f"{name} must be a whole number above 0"):
         load_model(pt, device="cpu", cpu_backend="torch", **option)
+
+
+def test_check_hook_sees_the_architecture_before_the_weights_are_placed(tiny_checkpoint, monkeypatch):
+    """A server's limits (studio.models) refuse a model from its architecture alone: the check runs once
+    the config is known and the network exists only on the meta device."""
+    from ilvr.network import count_parameters
+
+    seen = []
+    model = load_model(tiny_checkpoint, device="cpu", cpu_backend="torch",
+                       check=lambda cfg, diffusion, n: seen.append((cfg.image_size, diffusion.num_train_timesteps, n)))
+    assert seen == [(32, 1000, count_parameters(model.unet))]
+
+    placed = []
+    original = torch.nn.Module.load_state_dict
+    monkeypatch.setattr(torch.nn.Module, "load_state_dict", lambda *a, **k: placed.append(1) or original(*a, **k))
+
+    def refuse(cfg, diffusion, n):
+        raise ModelLoadError(f"image size {cfg.image_size} is over this server's limit")
+
+    with pytest.raises(ModelLoadError, match="over this server's limit"):
+        load_model(tiny_checkpoint, device="cpu", cpu_backend="torch", check=refuse)
+    assert not placed  # refused before any weights were loaded

@@ -88,7 +88,7 @@ def test_models_never_load_from_the_upload_folder(tmp_path, monkeypatch, tiny_ch
     assert upload_folders() == [uploads.resolve(), (tmp_path / "systemp" / "gradio").resolve()]
     calls = []
 
-    def loader(source, device, dtype):
+    def loader(source, device, dtype, check=None):
         calls.append(source)
         raise AssertionError("never called")
 
@@ -118,7 +118,7 @@ def _oversize_model(folder: Path, image_size: int = 1024) -> Path:
 def test_oversize_model_config_refused_before_building(tmp_path):
     calls = []
 
-    def loader(source, device, dtype):
+    def loader(source, device, dtype, check=None):
         calls.append(source)
         raise AssertionError("the UNet must not be built")
 
@@ -146,8 +146,8 @@ def test_oversize_model_config_refused_before_building(tmp_path):
 def test_model_limits_are_checked_on_the_built_model_too(tiny_checkpoint):
     from ilvr.loading import load_model
 
-    def hub(source, device, dtype):  # a Hub download: nothing to read before it is built
-        return load_model(str(tiny_checkpoint), device=device, dtype=dtype)
+    def hub(source, device, dtype, check=None):  # a Hub download: nothing to read before it is built
+        return load_model(str(tiny_checkpoint), device=device, dtype=dtype, check=check)
 
     cache = M.ModelCache(device="cpu", loader=hub, limits=ModelLimits(max_image_size=16))
     with pytest.raises(ModelLoadError, match=r"image size \(32\) is above this server's limit of 16"):
@@ -180,7 +180,7 @@ def test_failed_loads_keep_messages_not_tensors(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     calls = []
 
-    def loader(source, device, dtype):
+    def loader(source, device, dtype, check=None):
         from ilvr.loading import load_model
 
         calls.append(source)

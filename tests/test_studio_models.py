@@ -35,7 +35,7 @@ def test_model_paths_can_be_switched_off_and_are_off_on_spaces():
 def test_model_cache_reuses_and_reloads(tiny_checkpoint):
     calls = []
 
-    def loader(source, device, dtype):
+    def loader(source, device, dtype, check=None):
         from ilvr.loading import load_model
 
         calls.append(source)
@@ -54,7 +54,7 @@ def test_model_cache_reuses_and_reloads(tiny_checkpoint):
 def test_model_cache_remembers_failures_briefly():
     calls = []
 
-    def loader(source, device, dtype):
+    def loader(source, device, dtype, check=None):
         calls.append(source)
         raise ModelLoadError("offline")
 

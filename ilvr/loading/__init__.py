@@ -32,11 +32,10 @@ from ..registry import BUNDLED, BY_NAME, MODELS
 from .adm import ADM_IMAGE_SIZE_BY_MULT, assumed_settings, infer_adm_config, new_to_legacy_qkv
 from .diffusers import diffusers_to_adm, diffusion_from_scheduler, unet_config_from_diffusers
 from .errors import ModelLoadError
-from .files import LOADABLE_WEIGHT_SUFFIXES, build_from_files, load_local, read_state_dict
-from .files import LOADABLE_WEIGHT_SUFFIXES as WEIGHT_SUFFIXES  # its old name: ilvr.app_support imports it
+from .files import LOADABLE_WEIGHT_SUFFIXES, ModelCheck, build_from_files, load_local, read_state_dict
 from .hub import HUB_ID, download_from_hub, hub_cache_dir
 
-__all__ = ["ADM_IMAGE_SIZE_BY_MULT", "HUB_ID", "LOADABLE_WEIGHT_SUFFIXES", "WEIGHT_SUFFIXES", "ModelLoadError",
+__all__ = ["ADM_IMAGE_SIZE_BY_MULT", "HUB_ID", "LOADABLE_WEIGHT_SUFFIXES", "ModelCheck", "ModelLoadError",
            "assumed_settings", "build_from_files", "diffusers_to_adm", "diffusion_from_scheduler", "download_from_hub",
            "hub_cache_dir", "infer_adm_config", "load_local", "load_model", "new_to_legacy_qkv", "read_state_dict",
            "unet_config_from_diffusers"]
@@ -45,7 +44,7 @@ __all__ = ["ADM_IMAGE_SIZE_BY_MULT", "HUB_ID", "LOADABLE_WEIGHT_SUFFIXES", "WEIG
 def load_model(source: str | os.PathLike, device: str | torch.device | None = "auto",
                dtype: torch.dtype | str | None = None, *, filename: str | None = None, revision: str | None = None,
                cache_dir: str | os.PathLike | None = None, channels_last: bool | None = None,
-               cpu_backend: str | None = None, **overrides) -> DiffusionModel:
+               cpu_backend: str | None = None, check: ModelCheck | None = None, **overrides) -> DiffusionModel:
     """Load a model from a bundled name, local file/folder or Hub repo id (see module docstring).
 
     dtype is the compute dtype: default float32 on CPU and MPS and float16 on CUDA (``ilvr.device``; bf16 where supported
@@ -56,6 +55,8 @@ def load_model(source: str | os.PathLike, device: str | torch.device | None = "a
     (``ilvr.runtime.onnx_cpu``; cpu_backend='torch' or ILVR_CPU_BACKEND=torch keeps PyTorch).
     overrides (what a guided-diffusion .pt does not record): image_size, num_head_channels or num_heads,
     attention_order ('legacy'|'new') and any DiffusionConfig field (e.g. beta_schedule='cosine').
+    check(unet_config, diffusion, parameters), if given, may refuse the model (raise ModelLoadError) once its
+    architecture is known and before its weights are placed or exported: a public server's limits.
     """
     try:  # argument errors before any file is read or downloaded
         dev = resolve_device(device)
@@ -72,9 +73,9 @@ def load_model(source: str | os.PathLike, device: str | torch.device | None = "a
         filename = filename or entry.filename
         name = entry.source
     if name in BUNDLED:
-        unet, diffusion, info = load_local(BUNDLED[name].path, **overrides)
+        unet, diffusion, info = load_local(BUNDLED[name].path, check, **overrides)
     elif Path(name).expanduser().exists():
-        unet, diffusion, info = load_local(Path(name).expanduser(), **overrides)
+        unet, diffusion, info = load_local(Path(name).expanduser(), check, **overrides)
     else:
         repo_id, _, file_in_id = name.partition(":")
         if not HUB_ID.match(repo_id):
@@ -82,7 +83,7 @@ def load_model(source: str | os.PathLike, device: str | torch.device | None = "a
             raise ModelLoadError(f"{name!r} is neither a local file/folder, a bundled model ({bundled}) "
                                  "nor a Hub repo id like google/ddpm-ema-church-256")
         path = download_from_hub(repo_id, filename or file_in_id or None, revision, cache_dir)
-        unet, diffusion, info = load_local(path, **overrides)
+        unet, diffusion, info = load_local(path, check, **overrides)
         info["repo_id"] = repo_id
         info["known"] = any(m.source == repo_id and m.filename == (filename or file_in_id or None) for m in MODELS)
     if dev.type == "cpu":

@@ -9,7 +9,7 @@ import re
 import warnings
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -224,9 +224,15 @@ def _weights_in_folder(folder: Path) -> Path:
     raise ModelLoadError(f"{folder} holds several weights files ({', '.join(p.name for p in candidates)}); pass one of them")
 
 
+ModelCheck = Callable[[UNetConfig, DiffusionConfig, int], None]  # (architecture, diffusion, parameter count)
+
+
 def build_from_files(weights: Path, config: dict[str, Any] | None = None,
-                     scheduler: dict[str, Any] | None = None, **overrides) -> tuple[UNet, DiffusionConfig, dict]:
-    """Identify the format, infer or read the config, and return a loaded UNet (fp32, CPU)."""
+                     scheduler: dict[str, Any] | None = None, check: ModelCheck | None = None,
+                     **overrides) -> tuple[UNet, DiffusionConfig, dict]:
+    """Identify the format, infer or read the config, and return a loaded UNet (fp32, CPU).
+    check(unet_config, diffusion, parameters) runs before any weights are placed in the network (a
+    server's limits: it raises ModelLoadError to refuse)."""
     sd, metadata = read_state_dict(weights)
     options = dict(overrides)
     if config is None and "ilvr_config" in metadata:
@@ -307,6 +313,8 @@ def build_from_files(weights: Path, config: dict[str, Any] | None = None,
         hint = ("; pass the heads it was trained with (CLI: --model-option num_head_channels=32 or num_heads=4; "
                 "Python: load_model(..., num_heads=4))") if "heads" in str(e) else ""
         raise ModelLoadError(f"{weights.name}: {e}{hint}") from e
+    if check is not None:
+        check(unet_cfg, diffusion, sum(p.numel() for p in unet.parameters()))
     sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
     missing, unexpected = _key_diff(unet, sd)
     if missing or unexpected:
@@ -332,7 +340,7 @@ def _key_diff(unet: UNet, sd: Mapping[str, torch.Tensor]) -> tuple[list[str], li
     return sorted(expected - set(sd)), sorted(set(sd) - expected)
 
 
-def load_local(path: Path, **overrides) -> tuple[UNet, DiffusionConfig, dict]:
+def load_local(path: Path, check: ModelCheck | None = None, **overrides) -> tuple[UNet, DiffusionConfig, dict]:
     if path.is_dir():
         folder = path / "unet" if (path / "unet" / "config.json").is_file() and not (path / "config.json").is_file() else path
         config_path = folder / "config.json"
@@ -340,7 +348,7 @@ def load_local(path: Path, **overrides) -> tuple[UNet, DiffusionConfig, dict]:
         sched_path = _first_existing(path, ["scheduler_config.json", "scheduler/scheduler_config.json",
                                             "../scheduler/scheduler_config.json"])  # path is a pipeline's unet/
         scheduler = _read_json(sched_path) if sched_path else None
-        return build_from_files(_weights_in_folder(folder), config, scheduler, **overrides)
+        return build_from_files(_weights_in_folder(folder), config, scheduler, check, **overrides)
     _check_regular_file(path)  # a FIFO or /dev/zero: said as such, whatever its name
     if path.suffix not in LOADABLE_WEIGHT_SUFFIXES:
         raise ModelLoadError(f"{path.name}: expected a weights file ({', '.join(LOADABLE_WEIGHT_SUFFIXES)}) or a model folder")
@@ -349,4 +357,4 @@ def load_local(path: Path, **overrides) -> tuple[UNet, DiffusionConfig, dict]:
     if config is not None and config.get("format") != "ilvr" and "_class_name" not in config and "block_out_channels" not in config:
         config = None  # an unrelated config.json beside a .pt
     sched_path = _first_existing(path.parent, ["scheduler_config.json", "../scheduler/scheduler_config.json"])
-    return build_from_files(path, config, _read_json(sched_path) if sched_path else None, **overrides)
+    return build_from_files(path, config, _read_json(sched_path) if sched_path else None, check, **overrides)
