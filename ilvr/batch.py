@@ -37,13 +37,13 @@ import torch
 
 from tqdm import tqdm
 
+from . import validate
 from .distributed import AnotherRankFailed, Comm, agree
-from .filters import check_factor, check_kernel
 from .images import (IMAGE_SUFFIX_TEXT, ImageError, is_image_name, list_files, load_reference, plural, read_settings,
                      save_png, tensor_to_pil)
 from .loading import load_model
 from .registry import scaled_factor
-from .sampler import check_unconditional, sample, settings_dict, validate_steps, validate_stop_at
+from .sampler import check_unconditional, sample, settings_dict
 
 STOP_AFTER_ENV = "ILVR_STOP_AFTER"  # test hook, see the module docstring
 STOP_EXIT_CODE = 75
@@ -202,11 +202,10 @@ def _run(args, comm: Comm, load_options: dict[str, object]) -> int:
                 if args.compile:
                     model.compile(args.compile_mode)
                 check_unconditional(model)
-                validate_steps(model, args.steps)
-                n = args.n_factor or scaled_factor("translation", model.image_size)
-                check_factor(model.image_size, n)
-                check_kernel(args.filter)
-                validate_stop_at(model, args.stop_at, "--stop-at")
+                validate.steps(args.steps, model.diffusion.num_train_timesteps)
+                n = validate.n_factor(args.n_factor or scaled_factor("translation", model.image_size), model.image_size)
+                validate.kernel(args.filter)
+                validate.stop_step(args.stop_at, model.diffusion.num_train_timesteps, "--stop-at")
             except Exception as e:  # reported by this rank, re-raised below once every rank knows
                 error = e
         comm.barrier()

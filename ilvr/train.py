@@ -26,10 +26,13 @@ import torch
 from tqdm import tqdm
 
 from .device import resolve_device
-from .images import (IMAGE_SUFFIX_TEXT, ImageError, image_mode, is_image_name, list_files, open_image, plural,
-                     square_resize)
 from .export import STATE_FILE, config_differences, export_config, export_model, foreign_model
+from .grid import image_grid
+from .images import (IMAGE_SUFFIX_TEXT, ImageError, image_mode, is_image_name, list_files, open_image, plural,
+                     square_resize, tensor_to_pil)
+from .model import DiffusionModel
 from .network import UNet, UNetConfig, count_parameters
+from .sampler import sample
 from .schedule import LOSS_WEIGHTINGS, DiffusionConfig, Schedule, loss_weights, training_diffusion
 
 LOCK_FILE = ".train.lock"  # held (flock) by the run training into the folder
@@ -388,11 +391,6 @@ def _train(cfg: TrainConfig, out: Path, unet_cfg: UNetConfig, diffusion: Diffusi
 def write_sample_grid(unet: UNet, diffusion: DiffusionConfig, path: Path, device: torch.device, n: int = 16,
                       steps: str = "100") -> Path:
     """An unconditional grid from the EMA weights, to watch training progress by eye."""
-    from .model import DiffusionModel
-    from .sampler import sample
-    from .images import tensor_to_pil
-    from .grid import image_grid
-
     was_training = unet.training
     unet.eval()
     model = DiffusionModel(unet=unet, diffusion=diffusion, name="training-ema", device=device)
