@@ -17,6 +17,8 @@ from .batch import derive_seed, run_folder
 from .bench import add_arguments as add_bench_arguments
 from .bench import run as run_bench
 from . import validate
+from .ddib import ddib_translate
+from .ddib import settings_extra as ddib_settings
 from .evaluate import evaluate, reference_files, samples_grid
 from .export import export_model
 from .filters import KERNELS, check_factor
@@ -169,6 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--save-process", action="store_true",
                    help="also write <name>_<k>_process.gif: the model's guess of the final image (predicted x0) "
                         f"at {PROCESS_FRAMES} evenly spaced steps, from noise to the sample")
+    s.add_argument("--method", default="ilvr", choices=["ilvr", "ddib"],
+                   help="ilvr (default): one model guided by the reference's low frequencies (--N). ddib: DDIB (Su et al., "
+                        "ICLR 2023), the reference DDIM-inverted through --source-model to noise, then DDIM-sampled "
+                        "through --model; deterministic (one image per reference; --num, --seed, --sampler and "
+                        "--filter do not apply), no --N, --stop-at or --mask")
+    s.add_argument("--source-model", default=None,
+                   help="with --method ddib: the model of the references' domain (bundled name, file/folder or Hub "
+                        "repo id); --model is the target domain's, and --model-option applies to --model only")
 
     i = sub.add_parser("info", help="print the inferred architecture and diffusion settings of a model")
     i.add_argument("model")
@@ -275,6 +285,8 @@ def cmd_convert(args) -> int:
 
 
 def cmd_sample(args) -> int:
+    if args.method == "ddib" or args.source_model:
+        return cmd_sample_ddib(args)
     if args.mask and not args.ref:
         raise ValueError("--mask needs --ref")
     if args.keep_outside and not args.mask:
@@ -348,6 +360,81 @@ def cmd_sample(args) -> int:
                     save_animation(frames[j] + [tensor_to_pil(img)], out / f"{name}_{k}_process.gif")
     bar.close()
     print(f"wrote {plural(total, 'image')} to {out}"
+          + (f" ({replaced} replaced files of an earlier run)" if replaced else ""))
+    return 0
+
+
+def cmd_sample_ddib(args) -> int:
+    """`sample --method ddib`: each --ref DDIM-inverted through --source-model, then DDIM-sampled through
+    --model (ilvr.ddib); every misuse refused before --out is made or a model loads."""
+    if args.method != "ddib":
+        raise ValueError("--source-model is for --method ddib (ILVR samples one model: drop --source-model)")
+    if not args.source_model:
+        raise ValueError("--method ddib needs --source-model MODEL: the references' domain (--model is the target)")
+    refused = [flag for flag, used in (("--N", args.n_factor is not None), ("--stop-at", args.stop_at != 0),
+                                       ("--mask", bool(args.mask)), ("--keep-outside", args.keep_outside),
+                                       ("--unconditional", args.unconditional), ("--ref-dir", bool(args.ref_dir)))
+               if used]
+    if refused:
+        raise ValueError(f"{', '.join(refused)} cannot be used with --method ddib (DDIB has no low-pass filter, "
+                         "conditioning range or mask, and takes --ref images); use --method ilvr for them")
+    if not args.ref:
+        raise ValueError("--method ddib needs --ref IMAGE (repeatable)")
+    if args.compile_mode and not args.compile:
+        args.compile = True
+    for path in args.ref:
+        open_image(path)
+    out = writable_folder(args.out)
+    source = load_model(args.source_model, device=args.device, dtype=args.dtype)
+    model = load_model(args.model, device=args.device, dtype=args.dtype, **model_options(args))
+    for m in (source, model):
+        check_unconditional(m)
+        validate_steps(m, args.steps)
+        if args.compile:
+            m.compile(args.compile_mode)
+    if (source.image_size, source.config.in_channels) != (model.image_size, model.config.in_channels):
+        raise ValueError(f"--source-model is {source.image_size} px with {source.config.in_channels} channel(s) and "
+                         f"--model {model.image_size} px with {model.config.in_channels}: DDIB needs both alike")
+    if args.num > 1:
+        print(f"note: DDIB is deterministic: one image per reference (--num {args.num} would repeat it)",
+              file=sys.stderr)
+    steps_per_ref = (len(source.schedule.respace(args.steps).timestep_map)
+                     + len(model.schedule.respace(args.steps).timestep_map))
+    kept_frames = process_frames(steps_per_ref) if args.save_process else set()
+    bar = tqdm(total=len(args.ref) * steps_per_ref, desc="ddib", unit="img-step")
+    used: dict[str, int] = {}
+    names = []
+    for r in args.ref:
+        path = Path(r)
+        stem = path.stem.casefold()
+        used[stem] = used.get(stem, 0) + 1
+        names.append(path.stem if used[stem] == 1 else f"{path.stem}-{used[stem]}")
+    replaced = 0
+    for start in range(0, len(args.ref), args.batch_size):
+        chunk = args.ref[start:start + args.batch_size]
+        refs = torch.stack([load_reference(r, source.image_size, source.config.in_channels) for r in chunk])
+        frames: list[list] = [[] for _ in chunk]
+
+        def on_step(info, count=len(chunk), frames=frames):
+            bar.update(count)
+            if info.index in kept_frames:
+                for j, guess in enumerate(info.pred_x0):
+                    frames[j].append(tensor_to_pil(guess))
+
+        x = ddib_translate(source, model, refs, steps=args.steps, progress=on_step)
+        for j, img in enumerate(x):
+            settings = settings_dict(model, n_factor=None, kernel=args.filter, steps=args.steps, stop_at=0,
+                                     sampler="ddim", seed=0, reference=str(chunk[j]), index=0,
+                                     **ddib_settings(source))
+            for key in ("N", "filter", "stop_at", "seed"):  # ILVR's; DDIB has none of them
+                settings.pop(key, None)
+            target = out / f"{names[start + j]}_0.png"
+            replaced += target.exists()
+            save_png(tensor_to_pil(img), target, settings)
+            if args.save_process:
+                save_animation(frames[j] + [tensor_to_pil(img)], out / f"{names[start + j]}_0_process.gif")
+    bar.close()
+    print(f"wrote {plural(len(args.ref), 'image')} to {out} (DDIB: {args.source_model} -> {args.model})"
           + (f" ({replaced} replaced files of an earlier run)" if replaced else ""))
     return 0
 
