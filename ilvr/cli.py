@@ -172,10 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write <name>_<k>_process.gif: the model's guess of the final image (predicted x0) "
                         f"at {PROCESS_FRAMES} evenly spaced steps, from noise to the sample")
     s.add_argument("--method", default="ilvr", choices=["ilvr", "ddib"],
-                   help="ilvr (default): one model guided by the reference's low frequencies (--N). ddib: DDIB (Su et al., "
-                        "ICLR 2023), the reference DDIM-inverted through --source-model to noise, then DDIM-sampled "
-                        "through --model; deterministic (one image per reference; --num, --seed, --sampler and "
-                        "--filter do not apply), no --N, --stop-at or --mask")
+                   help="ilvr (default): one model guided by the reference's low frequencies (--N). ddib: DDIB "
+                        "(Su et al., ICLR 2023), the reference DDIM-inverted through --source-model to noise, then "
+                        "DDIM-sampled through --model; deterministic (one image per reference; --num, --seed, "
+                        "--sampler and --filter do not apply), no --N, --stop-at or --mask")
     s.add_argument("--source-model", default=None,
                    help="with --method ddib: the model of the references' domain (bundled name, file/folder or Hub "
                         "repo id); --model is the target domain's, and --model-option applies to --model only")
