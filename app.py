@@ -82,9 +82,9 @@ from studio.models import ModelCache, model_source, shown_error  # noqa: E402
 from studio.outputs import OUTPUTS_ENV, foreign_entries, resolve_output_root, save_result  # noqa: E402
 from studio.status import model_markdown, progress_markdown, run_header, slow_run_warning  # noqa: E402
 from studio.tasks import factor_choices, generation_job, paint_job, presets, scribble_job, translation_job  # noqa
-from studio.ui import (CSS, EXAMPLES, FOOTER, INTRO, MAX_UPLOAD, TABS, ModelPicker, Refused, Tab, build_tab,  # noqa
-                       debounce_js, endpoint, install_pixel_limit, model_picker, one_run_per_session, refused,
-                       user_error)
+from studio.components import (Refused, endpoint, install_pixel_limit, one_run_per_session, refused,  # noqa: E402
+                               user_error)
+from studio.ui import CSS, EXAMPLES, FOOTER, INTRO, MAX_UPLOAD, TABS, ModelPicker, Tab, build_tab, debounce_js, model_picker  # noqa
 
 try:  # ZeroGPU on Hugging Face Spaces; a no-op everywhere else
     import spaces

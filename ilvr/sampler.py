@@ -154,12 +154,3 @@ def check_unconditional(model: DiffusionModel) -> None:
         raise ValueError(f"{model.name} is a class-conditional model ({model.config.num_classes} classes): ILVR "
                          "samples unconditional models; use its unconditional variant (for guided-diffusion's "
                          "ImageNet 256 px: 256x256_diffusion_uncond.pt)")
-
-
-def validate_stop_at(model: DiffusionModel, stop_at: int, what: str = "stop step") -> int:
-    """The end of the conditioning range, on the model's training scale (0 .. num_train_timesteps)."""
-    return validate.stop_step(stop_at, model.diffusion.num_train_timesteps, what, from_text=True)
-
-
-def validate_steps(model: DiffusionModel, steps: str | int) -> int:
-    return validate.steps(steps, model.diffusion.num_train_timesteps)

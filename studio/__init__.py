@@ -13,8 +13,10 @@ uses the ones above it):
     tasks    the four tabs' job builders: generation, translation, paint, scribble
     status   text shown in the page: the model status line, run summaries, progress bars and ETAs
     outputs  where result files go, writing them (PNG settings embedded) and pruning old ones
-    ui       the page: the table of tabs, shared widgets and the input components (imports gradio)
+    components  the input components used in place of Gradio's (never raise; pixel limit before
+                decoding) and the guards around endpoints (one run per session)   (imports gradio)
+    ui       the page: the table of tabs and the widgets every tab shares                  (imports gradio)
 
-Only app.py and studio/ui.py import gradio. Bad input raises ``ValueError`` (``ImageError`` is one) or
+Only app.py, studio/components.py and studio/ui.py import gradio. Bad input raises ``ValueError`` (``ImageError`` is one) or
 ``ModelLoadError`` with a message meant for the user; app.py shows those as ``gr.Error``.
 """

@@ -11,7 +11,10 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BUNDLED_WEIGHTS = ROOT / "checkpoints" / "emoji64" / "model.safetensors"
+sys.path.insert(0, str(ROOT))
+from ilvr.registry import BUNDLED, DEFAULT_MODEL  # noqa: E402
+
+BUNDLED_WEIGHTS = BUNDLED[DEFAULT_MODEL].path / "model.safetensors"
 NO_BUNDLED_MODEL = f"the bundled model is missing ({BUNDLED_WEIGHTS.relative_to(ROOT)})"
 
 

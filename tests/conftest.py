@@ -41,6 +41,18 @@ def tiny_unet(seed: int = 0, **overrides) -> UNet:
 
 
 @pytest.fixture
+def ref_png(tmp_path) -> Path:
+    """A small two-colour reference image (red with a blue square), not square on purpose in the CLI tests."""
+    from PIL import Image
+
+    img = Image.new("RGB", (50, 40), (200, 40, 40))
+    img.paste((40, 40, 200), (10, 10, 30, 30))
+    path = tmp_path / "ref.png"
+    img.save(path)
+    return path
+
+
+@pytest.fixture
 def tiny_checkpoint(tmp_path) -> Path:
     """A random 32 px model saved in our format (config.json + model.safetensors)."""
     from ilvr.export import export_model

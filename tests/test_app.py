@@ -18,6 +18,7 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from app_server import BUNDLED_WEIGHTS, NO_BUNDLED_MODEL, ROOT  # noqa: E402
+from ilvr.registry import DEFAULT_MODEL  # noqa: E402
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
@@ -26,7 +27,7 @@ from gradio_client.exceptions import AppError  # noqa: E402
 pytestmark = pytest.mark.skipif(not BUNDLED_WEIGHTS.is_file(), reason=NO_BUNDLED_MODEL)
 
 EX = ROOT / "examples"
-MODEL = "emoji64"
+MODEL = DEFAULT_MODEL
 SIZE = 64
 FAST = "5"  # respaced steps: enough to exercise every code path, fast on a busy CPU
 
@@ -265,6 +266,7 @@ SESSION_GROWTH_SCRIPT = """
 import json, os, sys
 import app
 from gradio_client import Client, handle_file
+from ilvr.registry import DEFAULT_MODEL
 demo = app.build_demo()
 demo.queue(default_concurrency_limit=1)
 demo.launch(server_name="127.0.0.1", server_port=int(sys.argv[1]), prevent_thread_lock=True, quiet=True,
@@ -272,7 +274,7 @@ demo.launch(server_name="127.0.0.1", server_port=int(sys.argv[1]), prevent_threa
 client = Client(f"http://127.0.0.1:{sys.argv[1]}/", verbose=False)
 counts = []
 for _ in range(4):
-    client.predict("emoji64", "", handle_file(sys.argv[2]), 8, 1, "5", 0, "cubic", "ddpm", 0, api_name="/translate")
+    client.predict(DEFAULT_MODEL, "", handle_file(sys.argv[2]), 8, 1, "5", 0, "cubic", "ddpm", 0, api_name="/translate")
     counts.append(sum(len(s.blocks_config.blocks) for s in demo.state_holder.session_data.values()))
 print("REPORT " + json.dumps({"counts": counts, "capacity": demo.state_holder.capacity, "kept": getattr(app, "SESSIONS_KEPT", None)}))
 demo.close()

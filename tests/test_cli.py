@@ -12,20 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ilvr.cli import PROCESS_FRAMES, main, process_frames
+from ilvr.cli import main
+from ilvr.commands import PROCESS_FRAMES, process_frames
 from ilvr.batch import derive_seed
 from ilvr.images import read_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
-
-@pytest.fixture
-def ref_png(tmp_path) -> Path:
-    img = Image.new("RGB", (50, 40), (200, 40, 40))
-    img.paste((40, 40, 200), (10, 10, 30, 30))
-    path = tmp_path / "ref.png"
-    img.save(path)
-    return path
 
 
 def test_sample_writes_pngs_with_settings(tiny_checkpoint, ref_png, tmp_path, capsys):

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 from ilvr import load_model, load_reference
 from ilvr.cli import main
@@ -72,14 +71,6 @@ def test_ddib_needs_two_models_of_one_size(tiny_checkpoint, tmp_path):
         ddib_translate(a, b, torch.zeros(3, 32, 32), steps="ddim5")
 
 
-@pytest.fixture
-def ref_png(tmp_path) -> Path:
-    img = Image.new("RGB", (40, 40), (200, 40, 40))
-    img.paste((40, 40, 200), (10, 10, 30, 30))
-    path = tmp_path / "ref.png"
-    img.save(path)
-    return path
-
 
 @pytest.fixture
 def other_checkpoint(tmp_path) -> Path:
@@ -118,12 +109,12 @@ def test_cli_ddib_writes_one_image_per_reference_with_its_settings(tiny_checkpoi
 ])
 def test_cli_ddib_misuse_is_a_one_line_error(tiny_checkpoint, ref_png, tmp_path, capsys, monkeypatch, extra,
                                              message):
-    import ilvr.cli
+    import ilvr.commands
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("loaded a model before refusing the arguments")
 
-    monkeypatch.setattr(ilvr.cli, "load_model", must_not_run)
+    monkeypatch.setattr(ilvr.commands, "load_model", must_not_run)
     extra = [str(tiny_checkpoint) if a == "SRC" else str(ref_png) if a == "REF" else a for a in extra]
     out = tmp_path / "o"
     assert main(["sample", "--model", str(tiny_checkpoint), "--ref", str(ref_png), "--steps", "2",

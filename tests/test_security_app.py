@@ -236,7 +236,7 @@ def test_oversize_editor_layer_refused_before_decoding(tmp_path, monkeypatch):
     from gradio.data_classes import FileData
     from PIL import ImageFile
 
-    from studio import ui
+    from studio import components as ui
 
     Image.new("1", (13000, 13000)).save(tmp_path / "layer.png")  # 169 MP in 26 kB
     Image.new("RGB", (64, 64), "white").save(tmp_path / "bg.png")
@@ -254,7 +254,7 @@ def test_oversize_editor_layer_refused_before_decoding(tmp_path, monkeypatch):
 
 
 def test_editor_canvases_are_bounded():
-    from studio.ui import BlobStore
+    from studio.components import BlobStore
 
     store = BlobStore(max_bytes=1000, max_entries=3, max_layers=2)
     store.put("a", "layer", 10 ** 9, b"x")  # Gradio would grow a list of 10^9 entries
