@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 
 from ilvr.device import default_dtype, resolve_device
-from ilvr.loading import LOADABLE_WEIGHT_SUFFIXES, ModelLoadError, infer_adm_config, load_model
+from ilvr.loading import LOADABLE_WEIGHT_SUFFIXES, ModelLoadError, infer_adm_config, load_model, unwrap_state_dict
 from ilvr.model import DiffusionModel
 from ilvr.network import count_parameters
 from ilvr.registry import BUNDLED, BY_NAME, DEFAULT_MODEL
@@ -173,21 +173,6 @@ def _adm_size(shapes: Mapping[str, Sequence[int]]) -> int | None:
         return None  # the loader reports what is wrong
 
 
-def _state_dict_in(obj: Any) -> Mapping | None:
-    """The tensors of a loaded checkpoint, unwrapped as ilvr.loading does (ema, state_dict, module.)."""
-    for key in ("ema", "ema_model", "state_dict", "model"):
-        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
-            obj = obj[key]
-            break
-    if not isinstance(obj, Mapping):
-        return None
-    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    for wrapper in ("module.", "_orig_mod."):
-        if sd and all(isinstance(k, str) and k.startswith(wrapper) for k in sd):
-            sd = {k[len(wrapper):]: v for k, v in sd.items()}
-    return sd
-
-
 def inspect_checkpoint(path: Path, limits: ModelLimits) -> Inspection:
     """Read a local checkpoint's config, safetensors header or pickle index (memory-mapped, nothing
     loaded) for its image size, parameter count and schedule length. A weights file too large to hold
@@ -216,7 +201,10 @@ def inspect_checkpoint(path: Path, limits: ModelLimits) -> Inspection:
             obj = torch.load(weights, map_location="cpu", mmap=True, weights_only=True)  # an index: no data read
             if isinstance(obj, Mapping) and isinstance(obj.get("unet"), Mapping) and "step" in obj:  # a training state
                 found.image_size = found.image_size or obj["unet"].get("image_size")
-            sd = _state_dict_in(obj) or {}
+            try:
+                sd = unwrap_state_dict(obj, weights.name)
+            except ModelLoadError:  # not a state dict of tensors: nothing to count here, the loader says why
+                sd = {}
             shapes = {k: tuple(v.shape) for k, v in sd.items()}
             del obj, sd
     except ModelLoadError:

@@ -32,12 +32,13 @@ from ..registry import BUNDLED, BY_NAME, MODELS
 from .adm import ADM_IMAGE_SIZE_BY_MULT, assumed_settings, infer_adm_config, new_to_legacy_qkv
 from .diffusers import diffusers_to_adm, diffusion_from_scheduler, unet_config_from_diffusers
 from .errors import ModelLoadError
-from .files import LOADABLE_WEIGHT_SUFFIXES, ModelCheck, build_from_files, load_local, read_state_dict
+from .files import (LOADABLE_WEIGHT_SUFFIXES, ModelCheck, build_from_files, load_local, read_state_dict,
+                    unwrap_state_dict)
 from .hub import HUB_ID, download_from_hub, hub_cache_dir
 
 __all__ = ["ADM_IMAGE_SIZE_BY_MULT", "HUB_ID", "LOADABLE_WEIGHT_SUFFIXES", "ModelCheck", "ModelLoadError",
            "assumed_settings", "build_from_files", "diffusers_to_adm", "diffusion_from_scheduler", "download_from_hub",
-           "hub_cache_dir", "infer_adm_config", "load_local", "load_model", "new_to_legacy_qkv", "read_state_dict",
+           "hub_cache_dir", "infer_adm_config", "load_local", "load_model", "new_to_legacy_qkv", "read_state_dict", "unwrap_state_dict",
            "unet_config_from_diffusers"]
 
 

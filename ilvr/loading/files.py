@@ -66,7 +66,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
             f"{path.name} could not be loaded as a weights-only PyTorch checkpoint ({type(e).__name__}"
             f"{': ' + first if first else ''}). Only plain state dicts are accepted; arbitrary pickles are refused "
             "for safety.") from e
-    return _unwrap_state_dict(obj, path.name), _train_state_metadata(obj)
+    return unwrap_state_dict(obj, path.name), _train_state_metadata(obj)
 
 
 def _check_regular_file(path: Path) -> None:
@@ -177,7 +177,8 @@ def _weights_only_detail(message: str) -> str:
     return match.group(1).strip() if match else ""
 
 
-def _unwrap_state_dict(obj: Any, name: str) -> dict[str, torch.Tensor]:
+def unwrap_state_dict(obj: Any, name: str) -> dict[str, torch.Tensor]:
+    """The tensors of a loaded checkpoint: its EMA/model/state_dict entry, without DDP's or compile's prefix."""
     if isinstance(obj, Mapping) and {"state", "param_groups"} <= set(obj):
         raise ModelLoadError(f"{name} is an optimizer state (opt*.pt), not model weights; load the ema_*.pt or model*.pt file")
     for key in ("ema", "ema_model", "state_dict", "model"):
