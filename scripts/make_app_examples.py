@@ -1,7 +1,9 @@
 """Make the app's example images in examples/ (small, license-clean, committed).
 
   * a few Noto emoji (Apache-2.0) and Twemoji (CC-BY-4.0) from data/ (scripts/build_emoji_dataset.py);
-  * paintings and scribbles drawn here with Pillow (ours, same license as the project).
+  * paintings and scribbles drawn here with Pillow (ours, same license as the project);
+  * coloured digits for the 32 px digit models, rendered as scripts/build_digits_dataset.py renders its
+    data but with fonts the models never saw (its held-out families) and colours picked here.
 
     python scripts/make_app_examples.py            # reads data/noto, data/twemoji; writes examples/
 """
@@ -9,11 +11,14 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import build_digits_dataset as digits_data  # noqa: E402
 
 COPIES = {  # example file -> (style, code point file)
     "noto_grinning_face.png": ("noto", "1f600"),
@@ -91,6 +96,53 @@ SCRIBBLES = {  # name -> (background example, strokes)
 }
 
 
+URW = "/usr/share/fonts/opentype/urw-base35/"
+DIGIT_SCALE = 4  # 32 px digits are saved enlarged (nearest neighbour) so the example rows show them
+DIGITS = {  # example file -> (digit, colour, background, held-out font file, height px, angle)
+    "digit_red3_on_blue.png": (3, (225, 45, 45), (40, 70, 190), "URWGothic-Demi.otf", 24, 0.0),
+    "digit_yellow5_on_green.png": (5, (250, 210, 40), (25, 110, 60), "C059-Bold.otf", 24, -6.0),
+    "digit_white2_on_purple.png": (2, (245, 245, 245), (110, 50, 150), "URWBookman-Demi.otf", 22, 5.0),
+    "digit_orange7_on_teal.png": (7, (250, 140, 30), (20, 120, 130), "P052-Bold.otf", 24, 0.0),
+    "digit_one_on_red.png": (1, (255, 255, 255), (200, 30, 40), "URWGothic-Demi.otf", 24, 0.0),
+}
+# the scribble example: a stroke across the top of the "1" asks the sevens model for a 7
+DIGIT_SCRIBBLES = {"scribble_digit_one": ("digit_one_on_red.png",
+                                          [((255, 255, 255), [(0.3, 0.2), (0.62, 0.2)], 22)])}
+
+
+def digit_example(digit: int, colour, background, font: str, height: int, angle: float) -> Image.Image:
+    """A coloured digit drawn like the training data (scripts/build_digits_dataset.py), centred."""
+    mask = digits_data.glyph_mask(digit, URW + font, 0, angle, height)
+    canvas = digits_data.SIZE * digits_data.SCALE
+    p = digits_data.Render(digit, URW + font, font, "fonts-urw-base35", height, angle, 0,
+                           (canvas - mask.width) // 2, (canvas - mask.height) // 2, background, colour,
+                           float(digits_data.delta_e(background, colour)))
+    img = digits_data.render(p)
+    return img.resize((img.width * DIGIT_SCALE, img.height * DIGIT_SCALE), Image.Resampling.NEAREST)
+
+
+def paint_digit_seven(size: int = 256) -> Image.Image:
+    """A seven painted with two thick yellow brush strokes on a dark blue ground."""
+    img = Image.new("RGB", (size, size), (30, 40, 110))
+    d = ImageDraw.Draw(img)
+    s = size / 256
+    yellow = (255, 205, 40)
+    d.line([(58 * s, 56 * s), (196 * s, 60 * s)], fill=yellow, width=int(34 * s), joint="curve")
+    d.line([(192 * s, 62 * s), (150 * s, 140 * s), (112 * s, 214 * s)], fill=yellow, width=int(34 * s),
+           joint="curve")
+    return img
+
+
+def save_scribble(out: Path, name: str, bg: Image.Image, strokes: list[Stroke]) -> None:
+    """The editor's three files: background, stroke layer, and the two composited."""
+    bg = bg.convert("RGB").resize((EDIT_SIZE, EDIT_SIZE), Image.Resampling.BICUBIC)
+    layer = scribble_layer(EDIT_SIZE, strokes)
+    composite = Image.alpha_composite(bg.convert("RGBA"), layer).convert("RGB")
+    bg.save(out / f"{name}_background.png")
+    layer.save(out / f"{name}_layer.png")
+    composite.save(out / f"{name}_composite.png")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(ROOT / "data"))
@@ -104,12 +156,12 @@ def main() -> None:
     paint_heart().save(out / "paint_heart.png")
     paint_cat().save(out / "paint_cat.png")
     for name, (background, strokes) in SCRIBBLES.items():
-        bg = Image.open(out / background).convert("RGB").resize((EDIT_SIZE, EDIT_SIZE), Image.Resampling.BICUBIC)
-        layer = scribble_layer(EDIT_SIZE, strokes)
-        composite = Image.alpha_composite(bg.convert("RGBA"), layer).convert("RGB")
-        bg.save(out / f"{name}_background.png")
-        layer.save(out / f"{name}_layer.png")
-        composite.save(out / f"{name}_composite.png")
+        save_scribble(out, name, Image.open(out / background), strokes)
+    for name, spec in DIGITS.items():
+        digit_example(*spec).save(out / name)
+    paint_digit_seven().save(out / "paint_digit_seven.png")
+    for name, (background, strokes) in DIGIT_SCRIBBLES.items():
+        save_scribble(out, name, Image.open(out / background), strokes)
     print(f"wrote {len(list(out.glob('*.png')))} images to {out}")
 
 
