@@ -42,13 +42,12 @@ from .loading import ModelLoadError, load_model
 from .model import COMPILE_MODES, DiffusionModel, inference_unet
 from .network import UNet, UNetConfig, count_parameters
 from .registry import CHECKPOINTS_DIR, DEFAULT_MODEL, scaled_factor
-from .runtime.cpu_memory import keep_freed_heap
+from .runtime.onnx_cpu import cpu_backend as cpu_backend_choice
 from .runtime.onnx_cpu import cpu_runtime_for
 from .sampler import sample
 from .schedule import DiffusionConfig
-from .timing import (FULL_STEPS, STATS, TIMED_STEPS, CpuPeakRss, Variant, param_bytes, run_sequential, sync,
-                     time_ilvr_work)
-
+from .timing import (FULL_STEPS, STATS, TIMED_STEPS, CpuPeakRss, Variant, environment, format_environment,
+                     param_bytes, run_sequential, sync, time_ilvr_work)
 
 
 # ----------------------------------------------------------------------------- models
@@ -73,7 +72,6 @@ def random_model(unet_cfg: UNetConfig, diffusion: DiffusionConfig | None = None,
 def bundled_model(source: str = DEFAULT_MODEL, device: str | torch.device = "cpu") -> tuple[DiffusionModel, str]:
     """The bundled model in fp32; if its weights are missing or unreadable (e.g. mid-export), a random
     model of the same architecture. Returns (model, a note saying which)."""
-
     try:
         # the plain loop's network: fp32 in the default layout (make_fast makes the fast path's copy)
         return (load_model(source, device=device, dtype=torch.float32, channels_last=False, cpu_backend="torch"),
@@ -125,8 +123,10 @@ def bench_setup(model: DiffusionModel, *, label: str, weights_note: str, batch: 
                 log: Callable[[str], None] = print) -> dict[str, Any]:
     """Time unconditional / ours / plain for one model, device and batch size. Returns a result dict."""
     device = model.device
+    # the bench times both CPU backends itself, so auto (measured per batch size) means onnxruntime here
+    backend = "onnxruntime" if cpu_backend_choice(cpu_backend) == "auto" else cpu_backend_choice(cpu_backend)
     fast = make_fast(model, dtype=fast_dtype, channels_last=channels_last, compile=compile, compile_mode=compile_mode,
-                     cuda_graphs=cuda_graphs, cpu_backend=cpu_backend)
+                     cuda_graphs=cuda_graphs, cpu_backend=backend)
     fp32 = torch.float32
     reference = synthetic_reference(model.image_size, model.config.in_channels, seed)
     seeds = [seed + k for k in range(batch)]
@@ -262,38 +262,6 @@ def format_result(res: dict[str, Any]) -> str:
                      f"({per}{f['steps'] / f['seconds']:.1f} steps/s; wall {f['wall_s']:.2f} s, CPU {f['cpu_s']:.2f} s)"
                      " -- measured, not extrapolated")
     return "\n".join(lines)
-
-
-def environment() -> dict[str, Any]:
-    env = {"torch": torch.__version__, "threads": torch.get_num_threads(),
-           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "cpu_count": os.cpu_count(),
-           # applied here as load_model would (the plain loop runs in this process too, so it shares the setting)
-           "glibc_heap_kept": keep_freed_heap()}
-    try:
-        env["load_average_1min"] = os.getloadavg()[0]
-    except OSError:
-        pass
-    if torch.cuda.is_available():
-        env["cuda_device"] = torch.cuda.get_device_name()
-    try:
-        import onnxruntime
-        env["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        pass
-    return env
-
-
-def format_environment(env: dict[str, Any]) -> str:
-    s = (f"ILVR Studio speed benchmark -- torch {env['torch']}, {env['threads']} CPU thread(s) "
-         f"(OMP_NUM_THREADS={env['OMP_NUM_THREADS']}), {env['cpu_count']} CPU(s)")
-    s += ", freed heap kept (ilvr.runtime.cpu_memory)" if env.get("glibc_heap_kept") else ", allocator defaults"
-    if "load_average_1min" in env:
-        s += f", load average {env['load_average_1min']:.1f} at start"
-    if "onnxruntime" in env:
-        s += f", onnxruntime {env['onnxruntime']}"
-    if "cuda_device" in env:
-        s += f", GPU: {env['cuda_device']}"
-    return s
 
 
 # ----------------------------------------------------------------------------- command line

@@ -66,8 +66,8 @@ class DiffusionModel:
     info: dict[str, Any] = field(default_factory=dict)
     cuda_graphs: bool = True  # on a GPU, replay each sampling run's UNet call as one CUDA graph
     failed_captures: int = field(default=0, repr=False)  # in a row; see ilvr.runtime.cuda_graphs.GraphedPredict
-    cpu_runtime: Any = field(default=None, repr=False)  # ilvr.runtime.onnx_cpu.OnnxUNet: runs predict on CPU in fp32
-    # (exported again by denoiser() when the UNet's weights changed since)
+    cpu_runtime: Any = field(default=None, repr=False)  # runs predict on CPU in fp32: ilvr.runtime.onnx_cpu.OnnxUNet,
+    # or cpu_choice.MeasuredBackend (per batch size); exported again by denoiser() when the UNet's weights changed
 
     def __post_init__(self) -> None:
         self.device = torch.device(self.device)
@@ -104,13 +104,16 @@ class DiffusionModel:
         if self.cpu_runtime is not None and self.cpu_runtime.is_stale(self.unet):
             # The onnxruntime session holds a copy of the weights it was exported with; a UNet changed
             # since (load_state_dict, training) must not sample with the old ones.
-            self.cpu_runtime = cpu_runtime_for(self.unet, self.device, self.dtype, "onnxruntime")
+            self.cpu_runtime = cpu_runtime_for(self.unet, self.device, self.dtype, self.cpu_runtime.backend,
+                                               cache=False)
         return self.predict
 
     def sampling_run(self, seeds) -> SamplingRun:
         """The runtime of one sampling run for these seeds (``ilvr.runtime``): noise, denoiser, GPU gate."""
-        return SamplingRun(self.denoiser(), seeds, (self.config.in_channels, self.image_size, self.image_size),
-                           self.device, onnxruntime=self.cpu_runtime is not None)
+        denoise = self.denoiser()
+        onnxruntime = self.cpu_runtime is not None and self.cpu_runtime.uses_onnxruntime(len(seeds))
+        return SamplingRun(denoise, seeds, (self.config.in_channels, self.image_size, self.image_size),
+                           self.device, onnxruntime=onnxruntime)
 
     def compile(self, mode: str | None = None) -> "DiffusionModel":
         """torch.compile the UNet in place: fused kernels, 2-3x faster per step on an H100 at batch 8.
@@ -143,7 +146,7 @@ class DiffusionModel:
         return {"name": self.name, "source": self.source, "image_size": self.image_size,
                 "channels": self.config.in_channels, "device": str(self.device),
                 "dtype": str(self.dtype).replace("torch.", ""),
-                "runtime": "onnxruntime" if self.cpu_runtime is not None else "pytorch",
+                "runtime": "pytorch" if self.cpu_runtime is None else self.cpu_runtime.label,
                 "format": self.info.get("family"), "options": self.info.get("options", {}),
                 "unet": self.unet.config.to_dict(), "diffusion": self.diffusion.to_dict(),
                 **({"training": self.info["training"]} if self.info.get("training") else {})}

@@ -1,5 +1,6 @@
-"""Measuring for ``python -m ilvr bench``: wall or CPU clocks per step, peak memory on CPU (the process RSS
-sampled in a thread) and on CUDA, and the micro-benchmark of ILVR's own work per step.
+"""Measuring for ``python -m ilvr bench``: the environment a result was taken in, wall or CPU clocks per
+step, peak memory on CPU (the process RSS sampled in a thread) and on CUDA, and the micro-benchmark of
+ILVR's own work per step.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during the timed runs, minus what was allocated
 before the run, plus the weights of the network that variant uses (so a second copy kept for another
@@ -22,7 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .filters import LowPass, resize_right_lowpass
-from .runtime.cpu_memory import release_freed_heap
+from .runtime.cpu_memory import keep_freed_heap, release_freed_heap
 from .runtime.noise import draw, to_device
 
 FULL_STEPS = 250  # the app's and CLI's default number of respaced steps
@@ -190,3 +191,35 @@ def run_sequential(variants: list[Variant], steps: int, device: torch.device, fi
         if device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(device) - before + v.weights_bytes
             v.peak_bytes = max(v.peak_bytes or 0, peak)
+
+
+def environment() -> dict[str, Any]:
+    env = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "cpu_count": os.cpu_count(),
+           # applied here as load_model would (the plain loop runs in this process too, so it shares the setting)
+           "glibc_heap_kept": keep_freed_heap()}
+    try:
+        env["load_average_1min"] = os.getloadavg()[0]
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        env["cuda_device"] = torch.cuda.get_device_name()
+    try:
+        import onnxruntime
+        env["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def format_environment(env: dict[str, Any]) -> str:
+    s = (f"ILVR Studio speed benchmark -- torch {env['torch']}, {env['threads']} CPU thread(s) "
+         f"(OMP_NUM_THREADS={env['OMP_NUM_THREADS']}), {env['cpu_count']} CPU(s)")
+    s += ", freed heap kept (ilvr.runtime.cpu_memory)" if env.get("glibc_heap_kept") else ", allocator defaults"
+    if "load_average_1min" in env:
+        s += f", load average {env['load_average_1min']:.1f} at start"
+    if "onnxruntime" in env:
+        s += f", onnxruntime {env['onnxruntime']}"
+    if "cuda_device" in env:
+        s += f", GPU: {env['cuda_device']}"
+    return s

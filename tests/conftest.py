@@ -1,6 +1,7 @@
 """Shared fixtures: tiny models made on the spot, so no test needs the network."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -15,6 +16,21 @@ from ilvr.schedule import DiffusionConfig  # noqa: E402
 
 TINY = dict(image_size=32, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
             num_head_channels=32)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_runtime_cache(tmp_path_factory):
+    """ONNX exports and CPU backend choices go to a folder of this test session, not the user's cache
+    (and no verdict measured by an earlier session decides a backend here)."""
+    from ilvr.runtime.onnx_cache import CACHE_ENV
+
+    before = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("runtime-cache") / "onnx")
+    yield
+    if before is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = before
 
 
 # `python -m ilvr train` flags for a tiny 16 px model: two levels, attention at the second

@@ -1,4 +1,5 @@
-"""ilvr.onnx_cpu: the UNet on onnxruntime on CPU gives PyTorch's outputs, and every way out of it works."""
+"""ilvr.runtime.onnx_cpu: the UNet on onnxruntime on CPU gives PyTorch's outputs, and every way out of it
+works. The disk cache of exports and the measured backend choice: tests/test_cpu_runtime_cache.py."""
 import pytest
 import torch
 
@@ -6,6 +7,7 @@ from ilvr import bench
 from studio.models import device_label
 from ilvr.loading import ModelLoadError, load_model
 from ilvr.network import UNetConfig
+from ilvr.runtime.onnx_cache import CACHE_ENV
 from ilvr.runtime.onnx_cpu import BACKEND_ENV, OnnxUNet, cpu_backend
 from ilvr.sampler import sample
 from ilvr.schedule import DiffusionConfig
@@ -25,12 +27,12 @@ def tiny_folder(tmp_path):
 
 def test_backend_choice(monkeypatch):
     monkeypatch.delenv(BACKEND_ENV, raising=False)
-    assert cpu_backend() == "onnxruntime"
+    assert cpu_backend() == "auto"  # measured per batch size (ilvr.runtime.cpu_choice)
     assert cpu_backend("torch") == "torch"
     monkeypatch.setenv(BACKEND_ENV, "Torch")
     assert cpu_backend() == "torch"
     assert cpu_backend("onnxruntime") == "onnxruntime"  # an explicit choice wins over the variable
-    with pytest.raises(ValueError, match="onnxruntime, torch"):
+    with pytest.raises(ValueError, match="auto, onnxruntime, torch"):
         cpu_backend("tensorrt")
 
 
@@ -47,9 +49,8 @@ def test_onnx_unet_matches_pytorch_at_any_batch_size():
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
-def test_load_model_on_cpu_samples_through_onnxruntime_like_pytorch(tiny_folder, monkeypatch):
-    monkeypatch.delenv(BACKEND_ENV, raising=False)
-    fast = load_model(tiny_folder, device="cpu")
+def test_load_model_on_cpu_samples_through_onnxruntime_like_pytorch(tiny_folder):
+    fast = load_model(tiny_folder, device="cpu", cpu_backend="onnxruntime")
     plain = load_model(tiny_folder, device="cpu", cpu_backend="torch")
     assert isinstance(fast.cpu_runtime, OnnxUNet) and plain.cpu_runtime is None
     assert device_label(fast) == "CPU, float32, onnxruntime" and device_label(plain) == "CPU, float32"
@@ -59,9 +60,8 @@ def test_load_model_on_cpu_samples_through_onnxruntime_like_pytorch(tiny_folder,
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-def test_changed_weights_are_exported_again_before_the_next_run(tiny_folder, monkeypatch):
-    monkeypatch.delenv(BACKEND_ENV, raising=False)
-    model = load_model(tiny_folder, device="cpu")
+def test_changed_weights_are_exported_again_before_the_next_run(tiny_folder):
+    model = load_model(tiny_folder, device="cpu", cpu_backend="onnxruntime")
     first = model.cpu_runtime
     ref = bench.synthetic_reference(16, 3, seed=5)
     sample(model, ref, seeds=[1], n_factor=4, steps=5)
@@ -99,31 +99,29 @@ def test_autograd_and_compile_use_the_pytorch_unet(tiny_folder, monkeypatch):
 
 
 def test_a_failed_export_falls_back_to_pytorch_with_a_warning(tiny_folder, monkeypatch):
-    monkeypatch.delenv(BACKEND_ENV, raising=False)
-
     def refuse(*args, **kwargs):
         raise RuntimeError("Unsupported: ONNX export of operator foo")
 
+    monkeypatch.setenv(CACHE_ENV, "0")  # an export of these weights from an earlier test would be found there
     monkeypatch.setattr(torch.onnx, "export", refuse)
     with pytest.warns(RuntimeWarning, match="onnxruntime cannot run this UNet .*operator foo"):
-        model = load_model(tiny_folder, device="cpu")
+        model = load_model(tiny_folder, device="cpu", cpu_backend="onnxruntime")
     assert model.cpu_runtime is None
     out = sample(model, bench.synthetic_reference(16, 3, seed=6), seeds=[0], n_factor=2, steps=4)
     assert torch.isfinite(out).all()
 
 
-def test_step_ops_run_single_threaded_and_the_setting_comes_back(tiny_folder, monkeypatch):
+def test_step_ops_run_single_threaded_and_the_setting_comes_back(tiny_folder):
     """While the UNet runs on onnxruntime the sampler's own PyTorch ops use one thread (see
     torch_ops_single_threaded); concurrent runs each get it, and the default returns after the last."""
     import threading
 
     from ilvr.runtime.onnx_cpu import torch_ops_single_threaded
 
-    monkeypatch.delenv(BACKEND_ENV, raising=False)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        model = load_model(tiny_folder, device="cpu")
+        model = load_model(tiny_folder, device="cpu", cpu_backend="onnxruntime")
         seen = []
         sample(model, None, seeds=[0], steps=3, progress=lambda info: seen.append(torch.get_num_threads()))
         assert seen == [1, 1, 1] and torch.get_num_threads() == 2

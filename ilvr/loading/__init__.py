@@ -52,8 +52,9 @@ def load_model(source: str | os.PathLike, device: str | torch.device | None = "a
     is also fine). channels_last (default: on CPU only) stores the weights in oneDNN's preferred
     layout, about 20% faster on CPU (``python -m ilvr bench``); on CUDA it measured slower.
     On CPU this also fixes glibc's heap thresholds for the process (``ilvr.runtime.cpu_memory``: otherwise every
-    step page-faults its activations in afresh), and in float32 samples through onnxruntime
-    (``ilvr.runtime.onnx_cpu``; cpu_backend='torch' or ILVR_CPU_BACKEND=torch keeps PyTorch).
+    step page-faults its activations in afresh), and in float32 runs the UNet on onnxruntime or PyTorch,
+    whichever measured faster at a run's batch size (``ilvr.runtime.cpu_choice``; cpu_backend='torch' or
+    'onnxruntime', or ILVR_CPU_BACKEND, forces one).
     overrides (what a guided-diffusion .pt does not record): image_size, num_head_channels or num_heads,
     attention_order ('legacy'|'new') and any DiffusionConfig field (e.g. beta_schedule='cosine').
     check(unet_config, diffusion, parameters), if given, may refuse the model (raise ModelLoadError) once its

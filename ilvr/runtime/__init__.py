@@ -1,10 +1,11 @@
 """The speed runtime of one sampling run, behind the one seam the sampler calls.
 
 The sampler's maths does not change with the hardware; what does is gathered here: the UNet call
-(replayed as a CUDA graph on a GPU, onnxruntime on CPU: ``cuda_graphs``, ``onnx_cpu``), the run's
-noise (drawn ahead on a GPU: ``noise``), inference mode, PyTorch's own threads while onnxruntime
-runs, the gate that keeps other runs' GPU work out of a CUDA graph capture, and glibc's heap settings
-(``cpu_memory``). A model opens a run with ``DiffusionModel.sampling_run(seeds)``.
+(replayed as a CUDA graph on a GPU: ``cuda_graphs``; on CPU onnxruntime or PyTorch, whichever measured
+faster at the run's batch size: ``onnx_cpu``, ``cpu_choice``, exports kept on disk by ``onnx_cache``),
+the run's noise (drawn ahead on a GPU: ``noise``), inference mode, PyTorch's own threads while
+onnxruntime runs, the gate that keeps other runs' GPU work out of a CUDA graph capture, and glibc's
+heap settings (``cpu_memory``). A model opens a run with ``DiffusionModel.sampling_run(seeds)``.
 """
 from __future__ import annotations
 

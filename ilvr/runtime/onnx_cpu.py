@@ -5,35 +5,42 @@ PyTorch (channels_last, in-place ops) for the bundled model, 1.1-1.5x less for a
 outputs within 1e-5 (``scripts/time_unet_call.py``). Its CPU kernels fuse what eager PyTorch runs op by
 op. README, Speed, has the sampling figures.
 
-How: at load the UNet is exported once to ONNX in memory (PyTorch's TorchScript-based exporter, batch
-size left free: about 2 s for the bundled model, 12-13 s for a 256 px ADM) and an onnxruntime session
-runs it. The session holds its own copy of the weights; when the UNet's weights change after loading
+How: the UNet is exported to ONNX (PyTorch's TorchScript-based exporter, batch size left free: about
+2 s for the bundled model, 12-13 s for a 256 px ADM) and an onnxruntime session runs it. A model loaded
+from files keeps its export on disk (``ilvr.runtime.onnx_cache``), so later processes skip it. The
+session holds its own copy of the weights; when the UNet's weights change after loading
 (``load_state_dict``, an optimizer step), the next sampling run notices and exports again. Where
 onnxruntime is missing or the export fails, sampling runs on PyTorch with a warning.
-``ILVR_CPU_BACKEND=torch`` (or ``load_model(..., cpu_backend="torch")``) keeps PyTorch.
+
+Which backend: by default (``auto``) each batch size gets the one that measured faster on this machine
+(``ilvr.runtime.cpu_choice``); ``ILVR_CPU_BACKEND=onnxruntime`` or ``torch`` (or
+``load_model(..., cpu_backend=...)``) forces one.
 """
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import itertools
 import os
 import threading
 import warnings
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 
 from ..network import UNet
+from .onnx_cache import EXPORT_SETTINGS, ONNX_OPSET, atomic_path, export_key, runtime_cache_dir
 
-BACKENDS = ("onnxruntime", "torch")
+BACKENDS = ("auto", "onnxruntime", "torch")
 BACKEND_ENV = "ILVR_CPU_BACKEND"
 
 
 def cpu_backend(requested: str | None = None) -> str:
-    """The CPU backend to use: `requested`, else $ILVR_CPU_BACKEND, else onnxruntime."""
-    choice = (requested or os.environ.get(BACKEND_ENV) or "onnxruntime").strip().lower()
+    """The CPU backend to use: `requested`, else $ILVR_CPU_BACKEND, else auto (measured per batch size)."""
+    choice = (requested or os.environ.get(BACKEND_ENV) or "auto").strip().lower()
     if choice not in BACKENDS:
         raise ValueError(f"CPU backend must be one of {', '.join(BACKENDS)}, got {choice!r}")
     return choice
@@ -59,58 +66,128 @@ def weights_fingerprint(unet: UNet) -> tuple | None:
         return None
 
 
-class OnnxUNet:
-    """``unet(x, t)`` for CPU float32 inputs, run by an onnxruntime session; returns a float32 tensor."""
+def is_channels_last(unet: UNet) -> bool:
+    return any(p.dim() == 4 and not p.is_contiguous() for p in unet.parameters())
 
-    def __init__(self, unet: UNet, threads: int | None = None):
+
+def export_unet(unet: UNet, destination: str | os.PathLike | io.BytesIO) -> None:
+    """Write `unet` (in eval mode, float32, CPU) as ONNX with a free batch size to a path or buffer."""
+    size = unet.config.image_size
+    x = torch.zeros(1, unet.config.in_channels, size, size)
+    t = torch.zeros(1, dtype=torch.long)
+    was_training = unet.training
+    unet.eval()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notes
+            torch.onnx.export(_Forward(unet), (x, t), destination, input_names=EXPORT_SETTINGS["inputs"],
+                              output_names=EXPORT_SETTINGS["outputs"], opset_version=ONNX_OPSET,
+                              dynamic_axes={"x": {0: "batch"}, "t": {0: "batch"}, "out": {0: "batch"}},
+                              dynamo=False)
+    finally:
+        unet.train(was_training)
+
+
+class OnnxUNet:
+    """``unet(x, t)`` for CPU float32 inputs, run by an onnxruntime session; returns a float32 tensor.
+
+    With `cache` the export is read from (or written to) the disk cache of ``ilvr.runtime.onnx_cache``;
+    ``cache_path`` then names the file the session was made from."""
+
+    backend = "onnxruntime"  # what ``cpu_runtime_for`` makes again when the weights change
+    label = "onnxruntime"
+
+    def __init__(self, unet: UNet, threads: int | None = None, cache: bool = False):
         import onnxruntime as ort
 
         self.fingerprint = weights_fingerprint(unet)  # the weights this session was made from
+        self._ort = ort
+        self.options = ort.SessionOptions()
+        self.options.intra_op_num_threads = threads or torch.get_num_threads()
+        self.options.inter_op_num_threads = 1
+        self.threads = self.options.intra_op_num_threads
+        self.cache_path: Path | None = None
+        self.session = self._cached_session(unet) if cache else None
+        if self.session is None:
+            buffer = io.BytesIO()
+            export_unet(unet, buffer)
+            self.session = self._open(buffer.getvalue(), unet)
 
+    def _open(self, model: str | bytes, unet: UNet):
+        """A session for an ONNX file or bytes; raises when it is not this UNet's export."""
+        session = self._ort.InferenceSession(model, self.options, providers=["CPUExecutionProvider"])
+        inputs = session.get_inputs()
+        size, channels = unet.config.image_size, unet.config.in_channels
+        if ([i.name for i in inputs] != EXPORT_SETTINGS["inputs"] or inputs[0].shape[1:] != [channels, size, size]
+                or [o.name for o in session.get_outputs()] != EXPORT_SETTINGS["outputs"]):
+            raise ValueError("the ONNX file does not hold this UNet's export")
+        return session
+
+    def _cached_session(self, unet: UNet):
+        """The session from the disk cache, exporting into it first when the entry is missing or
+        damaged; None when there is no cache folder or it cannot be written."""
+        folder = runtime_cache_dir()
+        if folder is None:
+            return None
         size = unet.config.image_size
-        x = torch.zeros(1, unet.config.in_channels, size, size)
-        t = torch.zeros(1, dtype=torch.long)
-        buffer = io.BytesIO()
-        was_training = unet.training
-        unet.eval()
+        path = folder / f"unet-{export_key(unet, (unet.config.in_channels, size, size), is_channels_last(unet))}.onnx"
+        if path.is_file():
+            try:
+                session = self._open(str(path), unet)
+                self.cache_path = path
+                return session
+            except Exception:  # noqa: BLE001 - a truncated, corrupt or foreign entry: export again and replace it
+                pass
         try:
-            with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notes
-                torch.onnx.export(_Forward(unet), (x, t), buffer, input_names=["x", "t"], output_names=["out"],
-                                  dynamic_axes={"x": {0: "batch"}, "t": {0: "batch"}, "out": {0: "batch"}},
-                                  dynamo=False)
-        finally:
-            unet.train(was_training)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
-        self.threads = options.intra_op_num_threads
+            with atomic_path(path) as tmp:
+                export_unet(unet, tmp)
+        except OSError:  # a read-only or full disk: export in memory as without a cache
+            return None
+        self.cache_path = path
+        return self._open(str(path), unet)
 
     def is_stale(self, unet: UNet) -> bool:
         """True when `unet`'s weights changed since this session was exported from it."""
         return self.fingerprint is not None and weights_fingerprint(unet) != self.fingerprint
+
+    def uses_onnxruntime(self, batch: int) -> bool:
+        """Whether a run of `batch` samples calls this session (always: onnxruntime was asked for)."""
+        return True
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         feed = {"x": x.detach().contiguous().numpy(), "t": t.detach().to(torch.long).numpy()}
         return torch.from_numpy(np.asarray(self.session.run(None, feed)[0]))
 
 
-def cpu_runtime_for(unet: UNet, device: torch.device | str, dtype: torch.dtype,
-                    backend: str | None = None) -> OnnxUNet | None:
-    """The onnxruntime twin a model samples with: on CPU, in float32, with the onnxruntime backend
-    (`backend`, else as ``cpu_backend`` chooses). None elsewhere, or (with a warning) where onnxruntime
-    cannot run the UNet."""
-    if torch.device(device).type != "cpu" or dtype != torch.float32 or cpu_backend(backend) != "onnxruntime":
-        return None
-    if unet.config.num_classes is not None:  # the sampler refuses class-conditional models with its own message
-        return None
+def onnx_unet_or_warn(unet: UNet, cache: bool) -> OnnxUNet | None:
+    """An OnnxUNet, or None with a warning where onnxruntime cannot run the UNet."""
     try:
-        return OnnxUNet(unet)
+        return OnnxUNet(unet, cache=cache)
     except Exception as e:  # noqa: BLE001 - any failure here only costs speed: sample on PyTorch instead
         warnings.warn(f"onnxruntime cannot run this UNet ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                       f"sampling on PyTorch instead (set {BACKEND_ENV}=torch to skip the attempt)", RuntimeWarning)
         return None
+
+
+def cpu_runtime_for(unet: UNet, device: torch.device | str, dtype: torch.dtype, backend: str | None = None,
+                    cache: bool = True):
+    """What a model runs its UNet through on CPU in float32: an OnnxUNet where onnxruntime is forced
+    (`backend`, else as ``cpu_backend`` chooses), a ``cpu_choice.MeasuredBackend`` for auto (it
+    exports only for batch sizes where onnxruntime may win), None for PyTorch, for other devices and
+    dtypes, or (with a warning) where onnxruntime cannot run the UNet. `cache`: keep the export on disk
+    (for weights loaded from files; not for weights that change, such as a model being trained)."""
+    if torch.device(device).type != "cpu" or dtype != torch.float32:
+        return None
+    choice = cpu_backend(backend)
+    if choice == "torch" or unet.config.num_classes is not None:  # the sampler refuses class-conditional
+        return None  # models with its own message
+    if choice == "auto":
+        if importlib.util.find_spec("onnxruntime") is None:
+            return None
+        from .cpu_choice import MeasuredBackend
+
+        return MeasuredBackend(unet, cache=cache)
+    return onnx_unet_or_warn(unet, cache)
 
 
 _threads_lock = threading.Lock()
