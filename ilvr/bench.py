@@ -48,6 +48,8 @@ from .sampler import sample
 from .schedule import DiffusionConfig
 from .timing import (FULL_STEPS, STATS, TIMED_STEPS, CpuPeakRss, Variant, environment, format_environment,
                      param_bytes, run_sequential, sync, time_ilvr_work)
+from .whole_runs import add_arguments as add_whole_run_arguments
+from .whole_runs import run as run_whole_runs
 
 
 # ----------------------------------------------------------------------------- models
@@ -320,9 +322,9 @@ def add_arguments(p) -> None:
                    help="torch.compile mode; reduce-overhead and max-autotune capture their own CUDA graphs "
                         "(ours is then off), max-autotune-no-cudagraphs autotunes kernels and keeps ours")
     p.add_argument("--cpu-backend", default=None, choices=["onnxruntime", "torch"],
-                   help="CPU fast path in fp32: the UNet on onnxruntime (default, as load_model does; "
-                        "$ILVR_CPU_BACKEND) or on PyTorch; with onnxruntime a row 'ours on PyTorch' is added. "
-                        "--compile always uses PyTorch")
+                   help="CPU fast path in fp32: the UNet on onnxruntime (default, also for $ILVR_CPU_BACKEND=auto: "
+                        "the bench times both) or on PyTorch ($ILVR_CPU_BACKEND); with onnxruntime a row 'ours on "
+                        "PyTorch' is added. --compile always uses PyTorch")
     p.add_argument("--fp32-variant", action=argparse.BooleanOptionalAction, default=True,
                    help="when the fast path runs in fp16/bf16, also time it in fp32 (default on; "
                         "--no-fp32-variant saves a second torch.compile)")
@@ -331,11 +333,13 @@ def add_arguments(p) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, i.e. OMP_NUM_THREADS)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", dest="json_out", default=None, help="also write the results as JSON here")
+    add_whole_run_arguments(p)
 
 
 def run(args, log: Callable[[str], None] = print) -> dict[str, Any]:
     """The ``bench`` command: run every setup, print the tables, return (and optionally save) the results."""
-
+    if args.whole_runs:
+        return run_whole_runs(args, log)
     if args.threads:
         torch.set_num_threads(args.threads)
     if (args.steps is not None and args.steps < 2) or args.repeats < 1:
