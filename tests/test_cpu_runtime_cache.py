@@ -121,6 +121,19 @@ def test_a_cache_that_cannot_be_written_or_is_off_only_costs_the_export(tmp_path
     assert model.cpu_runtime.cache_path is None and len(exports) == 3
 
 
+def test_a_failed_write_leaves_the_old_entry_and_no_temporary_file(tmp_path):
+    target = tmp_path / "entry.onnx"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with onnx_cache.atomic_path(target) as tmp:
+            tmp.write_bytes(b"half a fil")
+            raise RuntimeError("the export failed halfway")
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["entry.onnx"]
+    with onnx_cache.atomic_path(target) as tmp:
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["entry.onnx"]
+
+
 def test_cache_folder_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv(CACHE_ENV)
     monkeypatch.setenv("ILVR_CACHE", str(tmp_path / "ilvr-cache"))

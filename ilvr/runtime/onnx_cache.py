@@ -31,7 +31,8 @@ from typing import Iterator
 import torch
 
 CACHE_ENV = "ILVR_ONNX_CACHE"
-ONNX_OPSET = 20  # the TorchScript exporter's default in torch 2.13, named so the cache key records it
+# the exporter's own default for this torch (20 in torch 2.13), passed explicitly so the cache key records it
+ONNX_OPSET = getattr(getattr(torch.onnx, "_constants", None), "ONNX_DEFAULT_OPSET", 17)
 EXPORT_SETTINGS = {"exporter": "torchscript", "opset": ONNX_OPSET, "inputs": ["x", "t"], "outputs": ["out"],
                    "dynamic_axes": "batch", "dtype": "float32", "format": 1}  # format: this module's file layout
 
