@@ -74,14 +74,15 @@ import gradio as gr  # noqa: E402
 import torch  # noqa: E402
 
 from ilvr.loading import ModelLoadError  # noqa: E402
-from ilvr.registry import BY_NAME, DEFAULT_MODEL, generation_factors  # noqa: E402
+from ilvr.registry import BY_NAME, DEFAULT_MODEL, MODELS, generation_factors  # noqa: E402
 from ilvr.sampler import Cancelled  # noqa: E402
 from studio.inputs import reference_image  # noqa: E402
 from studio.jobs import ActiveRuns, StopFlags, job_warnings, run_job  # noqa: E402
 from studio.models import ModelCache, model_source, shown_error  # noqa: E402
 from studio.outputs import OUTPUTS_ENV, foreign_entries, resolve_output_root, save_result  # noqa: E402
 from studio.status import model_markdown, progress_markdown, run_header, slow_run_warning  # noqa: E402
-from studio.tasks import factor_choices, generation_job, paint_job, presets, scribble_job, translation_job  # noqa
+from studio.tasks import (TRANSLATION_METHODS, ddib_job, factor_choices, generation_job, paint_job, presets,  # noqa
+                          scribble_job, translation_job)
 from studio.components import (Refused, endpoint, install_pixel_limit, one_run_per_session, refused,  # noqa: E402
                                user_error)
 from studio.ui import CSS, EXAMPLES, FOOTER, INTRO, MAX_UPLOAD, TABS, ModelPicker, Tab, build_tab, debounce_js, model_picker  # noqa
@@ -106,6 +107,9 @@ LONG_RUN_S = 15 * 60  # warn before runs estimated longer than this
 # UI's config, about 0.75 MB here; Gradio's default of 10,000 would let a public Space grow to gigabytes.
 # The app keeps no per-session state of its own (no gr.State), so a dropped session loses nothing.
 SESSIONS_KEPT = 500
+# what loading a model updates: the status, the generation tab's N values, each tab's N, the DDIB source
+# model, and each tab's example rows (one per example set)
+LOAD_OUTPUTS = 2 + len(TABS) + 1 + sum(len(spec.examples) for spec in TABS)
 
 
 # ----------------------------------------------------------------------------- handlers
@@ -149,24 +153,31 @@ def load_model(choice: str, path: str):
         if CACHE.cached(source) is None:
             hub = source in BY_NAME and not BY_NAME[source].bundled
             yield (f"Loading `{source}` …" + (" (first use downloads it from the Hugging Face Hub; "
-                                              "this can take a few minutes)" if hub else ""),) + (gr.skip(),) * 5
+                                              "this can take a few minutes)" if hub else ""),) \
+                + (gr.skip(),) * (LOAD_OUTPUTS - 1)
         model = CACHE.get(source)
     except ModelLoadError as e:
         message = _load_error(e, source)
     if message is not None:  # raised out here: nothing of the failed load stays referenced
-        yield (f"**Not loaded:** {message}",) + (gr.skip(),) * 5
+        yield (f"**Not loaded:** {message}",) + (gr.skip(),) * (LOAD_OUTPUTS - 1)
         raise user_error(message, "Model not loaded")
     size = model.image_size
-    p, choices = presets(size), factor_choices(size)
+    p, choices = presets(size, source), factor_choices(size)
+    entry = BY_NAME.get(source)
+    example_set = entry.examples if entry is not None else "emoji"
+    same_size = [m.name for m in MODELS if m.image_size == size and m.name != source]
+    ddib_source = entry.ddib_source if entry is not None and entry.ddib_source else (same_size or [None])[0]
     yield (model_markdown(model, p),
            gr.update(value=", ".join(str(n) for n in generation_factors(size))),
-           *(gr.update(choices=choices, value=p[spec.name]) for spec in TABS))  # the n_input of each tab
+           *(gr.update(choices=choices, value=p[spec.name]) for spec in TABS),  # the n_input of each tab
+           gr.update(value=ddib_source) if ddib_source else gr.skip(),
+           *(gr.update(visible=name == example_set) for spec in TABS for name in spec.examples))
 
 
 def path_cleared(choice: str, path: str):
     """Emptying the path box means the list's model again: reload the status (cached, so instant)."""
     if isinstance(path, Refused) or (path or "").strip():
-        yield (gr.skip(),) * 6  # typing a path: it loads on Enter or the button
+        yield (gr.skip(),) * LOAD_OUTPUTS  # typing a path: it loads on Enter or the button
         return
     yield from load_model(choice, "")
 
@@ -245,9 +256,22 @@ def run_generation(choice, path, image, mode, factors, range_n, stops, samples, 
 @gpu
 @endpoint(RUNNING)
 def run_translation(choice, path, image, n, samples, steps, stop_at, kernel, sampler, seed,
-                    request: gr.Request = None, progress=gr.Progress()):
-    """Domain translation: samples of the model's domain that share the reference's coarse structure."""
-    yield from _stream(lambda m: (translation_job(m, image, n, samples, steps, stop_at, kernel, sampler, seed), []),
+                    method=TRANSLATION_METHODS[0], source_model=None, request: gr.Request = None,
+                    progress=gr.Progress()):
+    """Domain translation: samples of the model's domain that share the reference's coarse structure (ILVR),
+    or the reference carried over from a source model's domain (DDIB; `method` and `source_model` come
+    last so that callers of the older signature keep working)."""
+    method = method or TRANSLATION_METHODS[0]
+    if method not in TRANSLATION_METHODS:
+        raise user_error(f"method must be one of: {', '.join(TRANSLATION_METHODS)}; got {method!r}", "Check the inputs")
+    if method == TRANSLATION_METHODS[0]:
+        yield from _stream(lambda m: (translation_job(m, image, n, samples, steps, stop_at, kernel, sampler, seed),
+                                      []), choice, path, request, progress)
+        return
+    if not (isinstance(source_model, str) and source_model.strip()):
+        raise user_error("DDIB needs a source model: pick the model of the reference's domain.", "Check the inputs")
+    source = _model(source_model, "")
+    yield from _stream(lambda m: ddib_job(m, source, image, samples, steps, kernel, sampler, seed),
                        choice, path, request, progress)
 
 
@@ -294,7 +318,9 @@ def canceller(task: str):
 def wire_model_picker(demo: gr.Blocks, picker: ModelPicker, tabs: list[Tab]) -> None:
     """Loading a model (button, list, Enter in the path box, page load) updates the status and every N."""
     generation = next(t for t in tabs if t.spec.name == "generation")
-    n_outputs = [picker.status, generation.widgets["factors"], *(t.widgets[t.spec.n_input] for t in tabs)]
+    translation = next(t for t in tabs if t.spec.name == "translation")
+    n_outputs = [picker.status, generation.widgets["factors"], *(t.widgets[t.spec.n_input] for t in tabs),
+                 translation.widgets["source_model"], *(g for t in tabs for g in t.example_groups.values())]
     load_kw = dict(fn=load_model, inputs=[picker.choice, picker.path], outputs=n_outputs, concurrency_id="load",
                    concurrency_limit=2, show_progress="hidden")  # the status line says "Loading"
     picker.load.click(api_name="load_model", **load_kw)
@@ -312,7 +338,8 @@ def wire_tab(demo: gr.Blocks, tab: Tab, picker: ModelPicker) -> None:
     for name in spec.uploads:
         upload = tab.widgets[name]
         upload.upload(check_upload, upload, None, api_visibility="private", show_progress="hidden")
-    inputs = [picker.choice, picker.path, *(tab.widgets[name] for name in spec.inputs), *tab.advanced]
+    inputs = [picker.choice, picker.path, *(tab.widgets[name] for name in spec.inputs), *tab.advanced,
+              *(tab.widgets[name] for name in spec.trailing_inputs)]
     validator = one_run_per_session(demo, fn, RUNNING) if POLICY.one_run_per_session else None
     event = tab.run.click(fn, inputs, tab.results, api_name=spec.api_name, show_progress_on=[tab.results[0]],
                           js=debounce_js(f"{spec.prefix}-run"), concurrency_id="sampling", show_progress="full",
@@ -323,12 +350,12 @@ def wire_tab(demo: gr.Blocks, tab: Tab, picker: ModelPicker) -> None:
 
 def build_demo() -> gr.Blocks:
     install_pixel_limit()  # Pillow itself refuses oversized images from their headers, in this process
-    p, choices = presets(DEFAULT_SIZE), factor_choices(DEFAULT_SIZE)
+    p, choices = presets(DEFAULT_SIZE, DEFAULT_MODEL), factor_choices(DEFAULT_SIZE)
     with gr.Blocks(title="ILVR Studio", delete_cache=(3600, 6 * 3600)) as demo:
         gr.Markdown(INTRO)
         picker = model_picker(ALLOW_MODEL_PATHS)
         with gr.Tabs():
-            tabs = [build_tab(spec, p, choices, DEFAULT_SIZE) for spec in TABS]
+            tabs = [build_tab(spec, p, choices, DEFAULT_SIZE, BY_NAME[DEFAULT_MODEL].examples) for spec in TABS]
         gr.Markdown(FOOTER)
         wire_model_picker(demo, picker, tabs)
         for tab in tabs:

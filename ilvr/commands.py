@@ -15,7 +15,7 @@ from . import validate
 from .batch import derive_seed, run_folder
 from .bench import run as run_bench
 from .ddib import ddib_translate
-from .ddib import settings_extra as ddib_settings
+from .ddib import result_settings as ddib_settings
 from .evaluate import evaluate, reference_files, samples_grid
 from .export import export_model
 from .filters import check_factor
@@ -275,11 +275,7 @@ def cmd_sample_ddib(args) -> int:
 
         x = ddib_translate(source, model, refs, steps=args.steps, progress=on_step)
         for j, img in enumerate(x):
-            settings = settings_dict(model, n_factor=None, kernel=args.filter, steps=args.steps, stop_at=0,
-                                     sampler="ddim", seed=0, reference=str(chunk[j]), index=0,
-                                     **ddib_settings(source))
-            for key in ("N", "filter", "stop_at", "seed"):  # ILVR's; DDIB has none of them
-                settings.pop(key, None)
+            settings = ddib_settings(source, model, args.steps, reference=str(chunk[j]), index=0)
             replaced += save_output(img, out / f"{names[start + j]}_0.png", settings,
                                     frames[j] if args.save_process else None)
     bar.close()

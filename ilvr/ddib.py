@@ -32,10 +32,10 @@ import torch
 
 from .model import DiffusionModel
 from .runtime.cuda_graphs import gpu_work
-from .sampler import ProgressFn, StepInfo, check_unconditional
+from .sampler import ProgressFn, StepInfo, check_unconditional, settings_dict
 from .schedule import Schedule, ddim_step, predict_step
 
-__all__ = ["ddib_translate", "ddim_invert", "ddim_decode", "settings_extra"]
+__all__ = ["ddib_translate", "ddim_invert", "ddim_decode", "result_settings", "settings_extra"]
 
 
 def _checked_images(model: DiffusionModel, x: torch.Tensor, what: str, value_range: float | None) -> torch.Tensor:
@@ -149,4 +149,15 @@ def settings_extra(source_model: DiffusionModel, clip: bool | None = False) -> d
         d["source_weights_sha256"] = source_model.weights_digest
     if source_model.info.get("options"):
         d["source_model_options"] = source_model.info["options"]
+    return d
+
+
+def result_settings(source_model: DiffusionModel, target_model: DiffusionModel, steps: str | int, *,
+                    clip: bool | None = False, **extra) -> dict:
+    """A DDIB result's settings for its PNG: ``settings_dict``'s fields without ILVR's (N, filter, stop
+    step, seed: DDIB has none of them), the sampler (DDIM), ``settings_extra`` and `extra`."""
+    d = settings_dict(target_model, n_factor=None, kernel="", steps=steps, stop_at=0, sampler="ddim", seed=0,
+                      **settings_extra(source_model, clip), **extra)
+    for key in ("N", "filter", "stop_at", "seed"):
+        d.pop(key)
     return d

@@ -41,6 +41,12 @@ def generation_factors(image_size: int) -> list[int]:
     return out
 
 
+def task_presets(image_size: int, entry: ModelEntry | None = None) -> dict[str, int]:
+    """Each task's starting N for a model of this size: the paper's N scaled from 256 px, unless the
+    registry entry names its own."""
+    return {task: scaled_factor(task, image_size) for task in PAPER_PRESETS} | dict(entry.presets if entry else ())
+
+
 @dataclass(frozen=True)
 class ModelEntry:
     name: str  # what users type / pick
@@ -48,6 +54,9 @@ class ModelEntry:
     image_size: int
     filename: str | None = None  # for hub repos of raw checkpoints
     bundled: bool = False
+    examples: str = "emoji"  # the app's example set for this model (studio.ui.EXAMPLE_SETS)
+    presets: tuple[tuple[str, int], ...] = ()  # (task, N) where measurement beat the scaled paper preset
+    ddib_source: str | None = None  # the model whose domain DDIB translates from, offered by the app
 
     @property
     def path(self) -> Path:
@@ -56,9 +65,15 @@ class ModelEntry:
 
 MODELS: list[ModelEntry] = [
     # ours, offline: Noto emoji faces, animals, plants, fruit and vegetables (checkpoints/emoji-faces-animals64)
-    ModelEntry("emoji-faces-animals64", "emoji-faces-animals64", 64, bundled=True),
+    ModelEntry("emoji-faces-animals64", "emoji-faces-animals64", 64, bundled=True, ddib_source="emoji64"),
     # ours, the earlier model on all 3,786 Noto emoji: kept so images made with it can be remade
     ModelEntry("emoji64", "emoji64", 64, bundled=True),
+    # ours, offline: 32 px coloured digits rendered from free fonts (scripts/build_digits_dataset.py);
+    # sevens only, the target of the coloured-digit task, and all ten digits, its DDIB source
+    # (translation N=8, not the scaled 4: at N=4 a "3" stays a 3; docs/digits.md measures every N)
+    ModelEntry("digits-sevens32", "digits-sevens32", 32, bundled=True, examples="digits",
+               ddib_source="digits-all32", presets=(("translation", 8),)),
+    ModelEntry("digits-all32", "digits-all32", 32, bundled=True, examples="digits"),
     # FFHQ faces, the ILVR/DPS authors' 93.6 M ADM (P2 weighting)
     ModelEntry("ffhq-256 (ILVR authors, ADM)", "deepinv/diffunet", 256, filename="diffusion_ffhq_10m.pt"),
     # Ho et al.'s DDPMs in diffusers layout, 113.7 M each

@@ -1,5 +1,6 @@
-"""A job is a batch of ILVR runs shown as a labelled grid: one row per setting, one column per seed.
-``run_job`` samples it in a worker thread and streams previews, so the page stays live and Cancel works.
+"""A job is a batch of ILVR runs shown as a labelled grid: one row per setting, one column per seed (or
+one DDIB translation, which has no seeds). ``run_job`` samples it in a worker thread and streams
+previews, so the page stays live and Cancel works.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 
 from ilvr import validate
+from ilvr.ddib import ddib_translate, result_settings
 from ilvr.grid import labelled_rows
 from ilvr.images import tensor_to_pil
 from ilvr.model import DiffusionModel
@@ -31,7 +33,9 @@ class Row:
 
 @dataclass
 class Job:
-    """A batch of ILVR runs: every row is sampled with every seed (seed k is column k)."""
+    """A batch of ILVR runs: every row is sampled with every seed (seed k is column k). With a source
+    model it is one DDIB translation instead (from the source's domain into the job's model's; one row,
+    one image)."""
 
     task: str
     reference: torch.Tensor | None  # (3, S, S) in [-1, 1]
@@ -43,10 +47,14 @@ class Job:
     mask: torch.Tensor | None = None
     keep_outside: bool = False
     reference_row: list[tuple[str, Image.Image]] = field(default_factory=list)  # shown above the rows
+    source: DiffusionModel | None = None  # DDIB's source model; None: ILVR
 
     def steps_per_row(self, model: DiffusionModel) -> int:
-        """Sampler steps of one row (the respaced count of ``steps``)."""
-        return validate.steps(self.steps, model.diffusion.num_train_timesteps)
+        """Sampler steps of one row (the respaced count of ``steps``; DDIB's inversion adds its own)."""
+        steps = validate.steps(self.steps, model.diffusion.num_train_timesteps)
+        if self.source is not None:
+            steps += validate.steps(self.steps, self.source.diffusion.num_train_timesteps)
+        return steps
 
     def total_steps(self, model: DiffusionModel) -> int:
         """Sampler steps over all rows (each step handles the row's whole batch)."""
@@ -192,9 +200,12 @@ def run_job(model: DiffusionModel, job: Job, stop: threading.Event | None = None
                         raise Cancelled("cancelled")
                     with lock:
                         state.update(row=r, info=info, new=True)
-                x = sample(model, job.reference, seeds=job.seeds, n_factor=row.n_factor or 1, kernel=job.kernel,
-                           steps=job.steps, stop_at=row.stop_at, sampler=job.sampler,
-                           mask=job.mask, keep_outside=job.keep_outside, progress=report)
+                if job.source is not None:
+                    x = ddib_translate(job.source, model, job.reference, steps=job.steps, progress=report)
+                else:
+                    x = sample(model, job.reference, seeds=job.seeds, n_factor=row.n_factor or 1,
+                               kernel=job.kernel, steps=job.steps, stop_at=row.stop_at, sampler=job.sampler,
+                               mask=job.mask, keep_outside=job.keep_outside, progress=report)
                 images = [tensor_to_pil(s) for s in x.cpu()]
                 with lock:
                     finished.append(images)
@@ -230,9 +241,12 @@ def run_job(model: DiffusionModel, job: Job, stop: threading.Event | None = None
         raise outcome["error"]
     elapsed = time.time() - start
     keep = job.keep_outside if job.mask is not None else None
-    settings = [[settings_dict(model, n_factor=row.n_factor if job.reference is not None else None,
-                               kernel=job.kernel, steps=job.steps, stop_at=row.stop_at, sampler=job.sampler,
-                               seed=seed, task=job.task, keep_outside=keep)
-                 for seed in job.seeds] for row in job.rows]
+    if job.source is not None:
+        settings = [[result_settings(job.source, model, job.steps, task=job.task)]]
+    else:
+        settings = [[settings_dict(model, n_factor=row.n_factor if job.reference is not None else None,
+                                   kernel=job.kernel, steps=job.steps, stop_at=row.stop_at, sampler=job.sampler,
+                                   seed=seed, task=job.task, keep_outside=keep)
+                     for seed in job.seeds] for row in job.rows]
     return JobResult(job=job, rows=list(zip(job.rows, finished)), settings=settings, elapsed_s=elapsed,
                      device=device_label(model))

@@ -74,11 +74,12 @@ def weights_stamp(source: str) -> int | None:
 
 
 def device_label(model: DiffusionModel) -> str:
-    """For example 'CPU, float32, onnxruntime' or 'CUDA (NVIDIA H100 80GB HBM3), float16'."""
+    """For example 'CPU, float32, onnxruntime or PyTorch, measured per batch size' or 'CUDA (NVIDIA H100
+    80GB HBM3), float16'."""
     dtype = str(model.dtype).replace("torch.", "")
     if model.device.type == "cuda":
         return f"CUDA ({torch.cuda.get_device_name(model.device)}), {dtype}"
-    runtime = ", onnxruntime" if model.cpu_runtime is not None else ""
+    runtime = f", {model.cpu_runtime.label}" if model.cpu_runtime is not None else ""
     return f"{model.device.type.upper()}, {dtype}{runtime}"
 
 

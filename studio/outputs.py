@@ -109,9 +109,11 @@ def save_result(result: JobResult, model: DiffusionModel, root: Path | None = No
     gallery, files = [], []
     for (row, images), row_settings in zip(result.rows, result.settings):
         for img, settings in zip(images, row_settings):
-            stem = f"{job.task}_N{row.n_factor}_stop{row.stop_at}_seed{settings['seed']}"
+            seed = settings.get("seed")  # DDIB has none
+            stem = f"{job.task}_N{row.n_factor}_stop{row.stop_at}_seed{seed}" if seed is not None \
+                else f"{job.task}_ddib"
             path = save_png(img, folder / f"{stem}.png", settings)
-            caption = f"seed {settings['seed']} · {row.label}"  # seed first: narrow thumbnails cut the end
+            caption = f"seed {seed} · {row.label}" if seed is not None else row.label  # seed first: thumbnails cut
             gallery.append((str(path), caption))
             files.append(str(path))
     grid = build_grid(job, [(row.label, images) for row, images in result.rows], model.image_size)
@@ -119,6 +121,8 @@ def save_result(result: JobResult, model: DiffusionModel, root: Path | None = No
                      "N": [r.n_factor for r in job.rows], "stop_at": [r.stop_at for r in job.rows],
                      "seeds": job.seeds, "filter": job.kernel, "steps": job.steps, "sampler": job.sampler,
                      "image_size": model.image_size}
+    if job.source is not None:
+        grid_settings.update(method="ddib", source_model=job.source.name, sampler="ddim", seeds=[])
     grid_path = save_png(grid, folder / f"{job.task}_grid.png", grid_settings)
     files.append(str(grid_path))
     return SavedResult(grid=grid, grid_path=grid_path, gallery=gallery, files=files,

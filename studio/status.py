@@ -50,20 +50,25 @@ def summary_markdown(result: JobResult, model: DiffusionModel) -> str:
     job = result.job
     seeds = ", ".join(str(s) for s in job.seeds)
     lines = [f"**Done in {fmt_seconds(result.elapsed_s)}** on {result.device} · model `{model.name}` "
-             f"({model.image_size} px)",
-             "",
-             f"seeds **{seeds}** (column k uses seed {job.seeds[0]} + k) · steps `{job.steps}` · "
-             f"filter `{job.kernel}` · sampler `{job.sampler}`"
-             + (f" · keep unedited region: {'yes' if job.keep_outside else 'no'}" if job.mask is not None else ""),
-             "",
-             "| row | N | conditioned steps |", "|---|---|---|"]
+             f"({model.image_size} px)", ""]
+    if job.source is not None:
+        lines += [f"DDIB: the reference DDIM-inverted through `{job.source.name}`, then DDIM-sampled through "
+                  f"`{model.name}` · steps `{job.steps}` each way · deterministic (one image, no seeds)"]
+        return "\n".join(lines + _settings_note())
+    lines += [f"seeds **{seeds}** (column k uses seed {job.seeds[0]} + k) · steps `{job.steps}` · "
+              f"filter `{job.kernel}` · sampler `{job.sampler}`"
+              + (f" · keep unedited region: {'yes' if job.keep_outside else 'no'}" if job.mask is not None else ""),
+              "", "| row | N | conditioned steps |", "|---|---|---|"]
     for row in job.rows:
         span = "none" if row.stop_at >= model.diffusion.num_train_timesteps else \
             f"{model.diffusion.num_train_timesteps} → {row.stop_at}"
         lines.append(f"| {row.label} | {row.n_factor} | {span} |")
-    lines += ["", "Each PNG below carries these settings in its `ilvr` text chunk "
-                  "(`python -c \"from ilvr.images import read_settings; print(read_settings('file.png'))\"`)."]
-    return "\n".join(lines)
+    return "\n".join(lines + _settings_note())
+
+
+def _settings_note() -> list[str]:
+    return ["", "Each PNG below carries these settings in its `ilvr` text chunk "
+                "(`python -c \"from ilvr.images import read_settings; print(read_settings('file.png'))\"`)."]
 
 
 def model_markdown(model: DiffusionModel, presets: dict[str, int]) -> str:
@@ -72,7 +77,7 @@ def model_markdown(model: DiffusionModel, presets: dict[str, int]) -> str:
     p = presets
     text = (f"**Loaded** `{model.name}`: {model.image_size} px, {params:.1f} M parameters, "
             f"{model.info.get('family', '?')} format · **device: {device_label(model)}** · "
-            f"paper presets scaled to {model.image_size} px: translation N={p['translation']}, "
+            f"presets at {model.image_size} px: translation N={p['translation']}, "
             f"paint N={p['paint']}, scribbles N={p['scribble']}")
     assumed = assumed_settings(model)
     if assumed:

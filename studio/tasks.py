@@ -13,7 +13,8 @@ from ilvr import validate
 from ilvr.images import ImageError, load_reference, tensor_to_pil
 from ilvr.filters import valid_factors
 from ilvr.model import DiffusionModel
-from ilvr.registry import PAPER_PRESETS, scaled_factor
+from ilvr.registry import BY_NAME, task_presets
+from ilvr.sampler import check_unconditional
 
 from .inputs import MAX_ROWS, mask_overlay, reference_image, run_settings, scribble_mask, scribble_reference, \
     sketch_image
@@ -21,11 +22,12 @@ from .jobs import Job, Row
 
 GENERATION_MODES = ("N sweep (Fig. 4)", "conditioning-range sweep (Fig. 5)")
 PAINT_SOURCES = ("uploaded image", "sketch pad")
+TRANSLATION_METHODS = ("ILVR", "DDIB")
 
 
-def presets(image_size: int) -> dict[str, int]:
-    """Each tab's starting N for a model of this size: the paper's N scaled from 256 px."""
-    return {task: scaled_factor(task, image_size) for task in PAPER_PRESETS}
+def presets(image_size: int, name: str | None = None) -> dict[str, int]:
+    """Each tab's starting N for a model of this size (and registry name, which may set its own)."""
+    return task_presets(image_size, BY_NAME.get(name or ""))
 
 
 def factor_choices(image_size: int) -> list[int]:
@@ -78,6 +80,25 @@ def translation_job(model: DiffusionModel, image: Any, n: Any, samples: Any, ste
     steps, seeds = run_settings(model, samples, steps, kernel, sampler, seed)
     ref, shown = _reference(img, model)
     return Job(task, ref, [row], seeds, kernel, steps, sampler, reference_row=[("reference", shown)])
+
+
+def ddib_job(model: DiffusionModel, source: DiffusionModel, image: Any, samples: Any, steps: Any, kernel: str,
+             sampler: str, seed: Any) -> tuple[Job, list[str]]:
+    """Domain translation by DDIB: the reference DDIM-inverted through `source`, then DDIM-sampled through
+    `model`. Deterministic, so one image whatever the sample count; N, the stop step, the filter, the
+    sampler and the seed do not apply. Returns the job and warnings for the user."""
+    img = reference_image(image)
+    check_unconditional(source)
+    if (source.image_size, source.config.in_channels) != (model.image_size, model.config.in_channels):
+        raise ValueError(f"DDIB needs two models of one size: the source {source.name} is {source.image_size} px, "
+                         f"{model.name} {model.image_size} px; pick a source model of {model.image_size} px")
+    steps, seeds = run_settings(model, samples, steps, kernel, sampler, seed)
+    warnings = [f"DDIB is deterministic: one image instead of {len(seeds)} (a second would be the same picture)."
+                ] if len(seeds) > 1 else []
+    ref, shown = _reference(img, model)
+    row = Row(label=f"DDIB from {source.name}", n_factor=None)
+    return Job("translation", ref, [row], [0], kernel, steps, "ddim", reference_row=[("reference", shown)],
+               source=source), warnings
 
 
 def paint_job(model: DiffusionModel, source: str, image: Any, sketch: Any, n: Any, samples: Any, steps: Any,

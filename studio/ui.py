@@ -9,12 +9,12 @@ from typing import Any, Callable, NamedTuple
 import gradio as gr
 
 from ilvr.filters import KERNELS
-from ilvr.registry import DEFAULT_MODEL, MODELS, SCRIBBLE_STOP_AT, generation_factors
+from ilvr.registry import BY_NAME, DEFAULT_MODEL, MODELS, SCRIBBLE_STOP_AT, generation_factors
 from ilvr.validate import SAMPLERS
 
 from .components import Checkbox, Dropdown, ImageEditor, ImageUpload, Radio, Seed, Sketchpad, Slider, Textbox
 from .inputs import MAX_SAMPLES
-from .tasks import GENERATION_MODES, PAINT_SOURCES
+from .tasks import GENERATION_MODES, PAINT_SOURCES, TRANSLATION_METHODS
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 MAX_UPLOAD = "25mb"  # launch(max_file_size=...): uploads and editor blobs
@@ -35,8 +35,9 @@ INTRO = (
     "large N keeps only its rough layout and colours, and the model invents the rest.")
 FOOTER = ("Runs on a CUDA GPU when available (float16), else on Apple's MPS or the CPU (float32). "
           "One run at a time on CPU; further runs wait in the queue. "
-          "Bundled model and examples: Noto Emoji (Apache-2.0); Twemoji examples CC-BY-4.0, "
-          "Twitter, Inc. and other contributors (see examples/README.md).")
+          "Bundled emoji models and examples: Noto Emoji (Apache-2.0); Twemoji examples CC-BY-4.0, "
+          "Twitter, Inc. and other contributors; digit models and examples: rendered from free fonts "
+          "(see examples/README.md and each model's card).")
 
 
 # ----------------------------------------------------------------------------- building blocks of a tab
@@ -156,7 +157,22 @@ def generation_wiring(tab: Tab) -> None:
 
 
 def translation_layout(p: dict[str, int], choices: list[int], size: int) -> dict[str, Any]:
-    return dict(image=reference_upload("Reference (any domain)", "tr-image"), n=n_dropdown(choices, p["translation"]))
+    widgets = dict(image=reference_upload("Reference (any domain)", "tr-image"), n=n_dropdown(choices, p["translation"]))
+    with gr.Row():
+        widgets["method"] = Radio(list(TRANSLATION_METHODS), value=TRANSLATION_METHODS[0], label="Method",
+                                  info="ILVR (N sets what survives) or DDIB (Su et al. 2023: through a second "
+                                       "model of the reference's domain; deterministic, no N)", elem_id="tr-method")
+        widgets["source_model"] = Dropdown([m.name for m in MODELS], value=BY_NAME[DEFAULT_MODEL].ddib_source,
+                                           label="DDIB source model", info="a model of the reference's domain, of "
+                                           "the same size as the model above", visible=False, elem_id="tr-source")
+    return widgets
+
+
+def translation_wiring(tab: Tab) -> None:
+    """The source model matters to DDIB only."""
+    w = tab.widgets
+    w["method"].change(lambda m: gr.update(visible=m == TRANSLATION_METHODS[1]), w["method"], w["source_model"],
+                       queue=False, api_visibility="private")
 
 
 def paint_layout(p: dict[str, int], choices: list[int], size: int) -> dict[str, Any]:
@@ -197,6 +213,18 @@ def scribble_layout(p: dict[str, int], choices: list[int], size: int) -> dict[st
 
 # ----------------------------------------------------------------------------- the table of tabs
 @dataclass(frozen=True)
+class Examples:
+    """One example row of a tab: the values of its example input, and where they come from."""
+
+    values: tuple[Any, ...]
+    label: str
+
+
+EXAMPLE_SETS = ("emoji", "digits")  # the example sets a registry entry may name (ModelEntry.examples)
+DIGIT_EXAMPLES_LABEL = "Examples (coloured digits, rendered by scripts/make_app_examples.py)"
+
+
+@dataclass(frozen=True)
 class TabSpec:
     """Everything that differs between the four tabs; build_tab and app.wire_tab do the rest."""
 
@@ -209,8 +237,7 @@ class TabSpec:
     api_name: str  # the endpoint (app.ENDPOINTS[name]) is served as /api_name
     run_label: str
     grid_label: str
-    examples: tuple[Any, ...]  # values for the widget named example_input
-    examples_label: str
+    examples: dict[str, Examples]  # by example set (EXAMPLE_SETS): the one of the loaded model is shown
     example_input: str = "image"
     n_input: str = "n"  # the N dropdown that a newly loaded model's preset for this tab updates
     uploads: tuple[str, ...] = ("image",)  # image uploads checked as soon as they arrive
@@ -219,6 +246,7 @@ class TabSpec:
     stop_at: int = 0
     stop_info: str = ""
     wiring: Callable[[Tab], None] | None = None
+    trailing_inputs: tuple[str, ...] = ()  # layout widgets passed after the Advanced settings (newer parameters)
 
 
 TABS = [
@@ -231,22 +259,28 @@ TABS = [
         layout=generation_layout, inputs=("image", "mode", "factors", "range_n", "stops"), n_input="range_n",
         api_name="generate", run_label="Generate grid",
         grid_label="The grid has a row per N (or per stop step in a range sweep)",
-        examples=(example_path("noto_grinning_face.png"), example_path("noto_fox.png"),
-                  example_path("twemoji_sun_with_face.png")),
-        examples_label="Examples (Noto Emoji, Apache-2.0; Twemoji, CC-BY-4.0)",
+        examples={"emoji": Examples((example_path("noto_grinning_face.png"), example_path("noto_fox.png"),
+                                     example_path("twemoji_sun_with_face.png")),
+                                    "Examples (Noto Emoji, Apache-2.0; Twemoji, CC-BY-4.0)"),
+                  "digits": Examples((example_path("digit_orange7_on_teal.png"), example_path("digit_red3_on_blue.png")),
+                                     DIGIT_EXAMPLES_LABEL)},
         samples=3, samples_label="Samples per row", wiring=generation_wiring),
     TabSpec(
         name="translation", title="Domain translation", prefix="tr",
         explain="Give a reference from *another* domain (here: Twemoji drawings for a model trained on Noto "
                 "emoji). **N** sets how much of it survives: the paper uses N=32 at 256 px (scaled to your "
                 "model); lower N follows the reference more, higher N looks more like the model's own images. "
-                "The **stop step** ends conditioning early (0 = all steps).",
-        layout=translation_layout, inputs=("image", "n"),
+                "The **stop step** ends conditioning early (0 = all steps). **DDIB** translates through a second "
+                "model of the reference's domain instead (e.g. all digits → sevens).",
+        layout=translation_layout, inputs=("image", "n"), trailing_inputs=("method", "source_model"),
+        wiring=translation_wiring,
         api_name="translate", run_label="Translate",
         grid_label="The grid shows the reference, then the translations",
-        examples=(example_path("twemoji_cat_face.png"), example_path("twemoji_frog.png"),
-                  example_path("twemoji_sun_with_face.png")),
-        examples_label="Examples (Twemoji by Twitter, CC-BY-4.0)"),
+        examples={"emoji": Examples((example_path("twemoji_cat_face.png"), example_path("twemoji_frog.png"),
+                                     example_path("twemoji_sun_with_face.png")),
+                                    "Examples (Twemoji by Twitter, CC-BY-4.0)"),
+                  "digits": Examples((example_path("digit_red3_on_blue.png"), example_path("digit_yellow5_on_green.png"),
+                                      example_path("digit_white2_on_purple.png")), DIGIT_EXAMPLES_LABEL)}),
     TabSpec(
         name="paint", title="Paint-to-image", prefix="paint",
         explain="Upload a painting or clip-art, or paint one on the sketch pad: flat colour regions become "
@@ -255,8 +289,11 @@ TABS = [
         layout=paint_layout, inputs=("source", "image", "sketch", "n"),
         api_name="paint", run_label="Paint to image",
         grid_label="The grid shows the painting, then the images made from it",
-        examples=(example_path("paint_smiley.png"), example_path("paint_heart.png"), example_path("paint_cat.png")),
-        examples_label="Examples (drawn by scripts/make_app_examples.py)", wiring=paint_wiring),
+        examples={"emoji": Examples((example_path("paint_smiley.png"), example_path("paint_heart.png"),
+                                     example_path("paint_cat.png")), "Examples (drawn by scripts/make_app_examples.py)"),
+                  "digits": Examples((example_path("paint_digit_seven.png"),),
+                                     "Examples (drawn by scripts/make_app_examples.py)")},
+        wiring=paint_wiring),
     TabSpec(
         name="scribble", title="Scribble editing", prefix="sc",
         explain="Upload an image and draw coloured scribbles on it. ILVR with a small **N** (paper: 8 at 256 "
@@ -266,8 +303,11 @@ TABS = [
         layout=scribble_layout, inputs=("editor", "n", "keep_unedited"),
         api_name="scribble", run_label="Apply scribbles",
         grid_label="The grid shows the edited input (and mask), then the results",
-        examples=(scribble_example("scribble_sunglasses"), scribble_example("scribble_green_apple")),
-        examples_label="Examples (Noto Emoji, Apache-2.0, with drawn scribbles)", example_input="editor",
+        examples={"emoji": Examples((scribble_example("scribble_sunglasses"), scribble_example("scribble_green_apple")),
+                                    "Examples (Noto Emoji, Apache-2.0, with drawn scribbles)"),
+                  "digits": Examples((scribble_example("scribble_digit_one"),),
+                                     "Examples (a rendered digit with a drawn scribble)")},
+        example_input="editor",
         uploads=(), stop_at=SCRIBBLE_STOP_AT,
         stop_info="Condition on the edited image from step 1000 down to this step, then run free so strokes "
                   "become realistic (paper: 200)"),
@@ -285,6 +325,7 @@ class Tab:
     run: gr.Button
     cancel: gr.Button
     results: list  # [grid, gallery, files, info], the run's outputs
+    example_groups: dict[str, gr.Column]  # by example set; the loaded model's is visible
 
 
 @dataclass
@@ -310,8 +351,9 @@ def model_picker(allow_paths: bool) -> ModelPicker:
     return ModelPicker(choice, path, load, status)
 
 
-def build_tab(spec: TabSpec, p: dict[str, int], choices: list[int], size: int) -> Tab:
-    """Explanation; inputs, Advanced settings and buttons on the left; results on the right; examples."""
+def build_tab(spec: TabSpec, p: dict[str, int], choices: list[int], size: int, example_set: str) -> Tab:
+    """Explanation; inputs, Advanced settings and buttons on the left; results on the right; the example
+    rows, of which the one for `example_set` is visible."""
     with gr.Tab(spec.title, id=spec.name):
         gr.Markdown(spec.explain, elem_classes="ilvr-explain")
         with gr.Row():
@@ -322,6 +364,9 @@ def build_tab(spec: TabSpec, p: dict[str, int], choices: list[int], size: int) -
                 run, cancel = run_buttons(spec.prefix, spec.run_label)
             with gr.Column(scale=3):
                 results = result_area(spec.prefix, spec.grid_label)
-        gr.Examples([[value] for value in spec.examples], inputs=[widgets[spec.example_input]],
-                    label=spec.examples_label)
-    return Tab(spec, widgets, adv, run, cancel, results)
+        groups = {}
+        for name, examples in spec.examples.items():
+            with gr.Column(visible=name == example_set) as groups[name]:
+                gr.Examples([[value] for value in examples.values], inputs=[widgets[spec.example_input]],
+                            label=examples.label)
+    return Tab(spec, widgets, adv, run, cancel, results, groups)

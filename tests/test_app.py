@@ -79,9 +79,56 @@ def test_load_model_reports_device_and_presets(client):
     status, *updates = client.predict(MODEL, "", api_name="/load_model")
     assert "device: CPU" in status or "device: CUDA" in status
     assert "64 px" in status
-    factors, *ns = [u["value"] if isinstance(u, dict) else u for u in updates]  # gr.update(...) comes back as a dict
+    factors, *ns = [u["value"] if isinstance(u, dict) else u for u in updates[:5]]  # gr.update(...): a dict
     assert factors == "2, 4, 8, 16, 32"
     assert [int(n) for n in ns] == [4, 8, 16, 2]  # generation, translation, paint, scribble presets at 64 px
+    source = updates[5]
+    assert source["value"] == "emoji64"  # DDIB's source: another 64 px model
+
+
+@pytest.mark.skipif(not (ROOT / "checkpoints" / "digits-sevens32" / "model.safetensors").is_file(),
+                    reason="the bundled digit model is missing")
+def test_digit_model_brings_its_presets_examples_and_ddib_source(client):
+    status, *updates = client.predict("digits-sevens32", "", api_name="/load_model")
+    assert "32 px" in status
+    factors, *ns = [u["value"] if isinstance(u, dict) else u for u in updates[:5]]
+    assert factors == "2, 4, 8, 16"
+    assert [int(n) for n in ns] == [2, 8, 8, 2]  # scaled to 32 px (at least 2); translation N=8 as measured
+    assert updates[5]["value"] == "digits-all32"
+    client.predict(MODEL, "", api_name="/load_model")  # the other tests expect the default model's presets
+
+
+@pytest.mark.skipif(not (ROOT / "checkpoints" / "digits-sevens32" / "model.safetensors").is_file(),
+                    reason="the bundled digit model is missing")
+def test_each_model_shows_its_own_example_rows():
+    """Layout updates (the example rows' visibility) do not come back through the API: the handler itself."""
+    import app
+
+    sets = [name for spec in app.TABS for name in spec.examples]
+    for model, shown in ((MODEL, "emoji"), ("digits-sevens32", "digits")):
+        *_, last = app.load_model(model, "")
+        assert len(last) == app.LOAD_OUTPUTS
+        assert [u["visible"] for u in last[-len(sets):]] == [name == shown for name in sets], model
+
+
+def test_translation_by_ddib(client):
+    result = client.predict(MODEL, "", handle_file(EX / "twemoji_cat_face.png"), 8, 2, FAST, 0, "cubic", "ddpm", 0,
+                            "DDIB", "emoji64", api_name="/translate")
+    _, gallery = assert_result(result, 1)  # deterministic: one image whatever the sample count
+    s = settings_of(gallery[0]["image"])
+    assert (s["method"], s["source_model"], s["model"], s["steps"]) == ("ddib", "emoji64", MODEL, FAST)
+    assert "seed" not in s and "N" not in s
+
+
+@pytest.mark.parametrize("method, source, expected", [
+    ("DDIB", None, "DDIB needs a source model"),
+    ("DDIB", "digits-all32", "pick a source model of 64 px"),
+    ("ddib-ish", "emoji64", r"not in the list of choices: \['ILVR', 'DDIB'\]"),
+])
+def test_translation_by_ddib_refuses_bad_settings(client, method, source, expected):
+    with pytest.raises(AppError, match=expected):
+        client.predict(MODEL, "", handle_file(EX / "twemoji_cat_face.png"), 8, 1, FAST, 0, "cubic", "ddpm", 0,
+                       method, source, api_name="/translate")
 
 
 # ----------------------------------------------------------------------------- each tab

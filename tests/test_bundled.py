@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,4 +51,29 @@ def test_n_controls_diversity_and_fidelity(model):
         diversity.append(sum(((x[i] - x[j]) ** 2).mean().sqrt().item() for i, j in pairs) / len(pairs))
         distance.append(((phi4(x) - phi4(ref[None])) ** 2).mean().sqrt().item())
     assert diversity[0] < diversity[1] < diversity[2], diversity
+    assert distance[0] < distance[1] < distance[2], distance
+
+
+@pytest.mark.parametrize("name", sorted(BUNDLED))
+def test_every_bundled_model_loads_samples_and_has_a_card(name):
+    entry = BUNDLED[name]
+    if not (entry.path / "model.safetensors").exists():
+        pytest.skip(f"{name} not present")
+    m = load_model(name, device="cpu")
+    assert m.image_size == entry.image_size
+    assert (entry.path / "README.md").is_file()  # the model card: data, licenses, recipe, figures
+    x = sample(m, None, seeds=[0], steps="5")
+    assert x.shape == (1, 3, entry.image_size, entry.image_size) and torch.isfinite(x).all()
+
+
+@pytest.mark.skipif(not (BUNDLED["digits-sevens32"].path / "model.safetensors").exists(),
+                    reason="digit model not present")
+def test_digit_models_are_small_and_keep_the_ilvr_properties():
+    m = load_model("digits-sevens32", device="cpu")
+    assert (BUNDLED["digits-sevens32"].path / "model.safetensors").stat().st_size < 5e6
+    ref = pil_to_tensor(Image.open(Path(__file__).resolve().parent.parent / "examples" / "digit_red3_on_blue.png").convert("RGB").resize((32, 32)))
+    assert (sample(m, ref, seeds=[0], n_factor=1, steps="10")[0] - ref).abs().max().item() <= 1 / 255  # N=1: the ref
+    phi2 = LowPass(32, 32, 2)
+    distance = [((phi2(sample(m, ref, seeds=[0, 1, 2], n_factor=n, steps="25").clamp(-1, 1)) - phi2(ref[None])) ** 2)
+                .mean().sqrt().item() for n in (2, 8, 16)]
     assert distance[0] < distance[1] < distance[2], distance

@@ -159,3 +159,46 @@ def test_status_line_says_what_a_guided_diffusion_file_left_to_assume(tmp_path, 
     assert "`beta_schedule=linear`" in status.model_markdown(adm, presets)
     assert "python -m ilvr convert" in status.model_markdown(adm, presets)
     assert "convert" not in status.model_markdown(tiny_model, presets)  # our format records everything
+
+
+def _finish(runner):
+    updates = []
+    while True:
+        try:
+            updates.append(next(runner))
+        except StopIteration as done:
+            return updates, done.value
+
+
+def test_ddib_job_is_one_deterministic_image_with_its_own_settings(tiny_model, tmp_path):
+    ref = Image.new("RGB", (32, 32), (40, 70, 190))
+    job, warnings = T.ddib_job(tiny_model, tiny_model, ref, 3, "4", "cubic", "ddpm", 5)
+    assert job.seeds == [0] and len(job.rows) == 1 and job.sampler == "ddim"
+    assert warnings and "one image instead of 3" in warnings[0]
+    assert job.steps_per_row(tiny_model) == 8  # inversion and sampling, 4 steps each
+    updates, result = _finish(J.run_job(tiny_model, job, poll_s=0.001))
+    assert all(0 < u.done <= u.total == 8 for u in updates)
+    saved = O.save_result(result, tiny_model, root=tmp_path)
+    assert len(saved.gallery) == 1 and len(saved.files) == 2
+    s = read_settings(saved.gallery[0][0])
+    assert (s["method"], s["source_model"], s["sampler"], s["task"]) == ("ddib", tiny_model.name, "ddim",
+                                                                         "translation")
+    assert not {"seed", "N", "filter", "stop_at"} & set(s)  # ILVR's settings; DDIB has none
+    assert read_settings(saved.grid_path)["method"] == "ddib"
+    assert "DDIB" in saved.summary and "seeds **" not in saved.summary
+    again = _finish(J.run_job(tiny_model, T.ddib_job(tiny_model, tiny_model, ref, 1, "4", "cubic", "ddpm", 9)[0],
+                              poll_s=0.001))[1]
+    assert np.array_equal(np.asarray(result.rows[0][1][0]), np.asarray(again.rows[0][1][0]))  # no seed in it
+
+
+def test_ddib_job_refuses_a_source_of_another_size(tiny_model, tmp_path):
+    from ilvr.loading import load_model
+    from ilvr.network import UNet, UNetConfig
+    from ilvr.schedule import DiffusionConfig
+    from ilvr.export import export_model
+
+    cfg = UNetConfig(image_size=16, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=())
+    export_model(UNet(cfg), DiffusionConfig(), tmp_path / "m16")
+    other = load_model(str(tmp_path / "m16"), device="cpu")
+    with pytest.raises(ValueError, match="pick a source model of 32 px"):
+        T.ddib_job(tiny_model, other, Image.new("RGB", (8, 8)), 1, "4", "cubic", "ddpm", 0)
