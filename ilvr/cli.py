@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--loss-weighting", choices=LOSS_WEIGHTINGS, default="p2",
                    help="per-timestep weight of the loss: p2 (default; less weight on nearly clean steps), "
                         "min-snr (gamma 5) or uniform (Ho et al.)")
+    t.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True,
+                   help="random horizontal flips of the training images (default on; --no-hflip for data with a "
+                        "handedness: digits, letters, text)")
     t.add_argument("--seed", type=int, default=0)
 
     e = sub.add_parser("eval", help="measure diversity, fidelity, realism and near-copies per N (paper Table 2)")

@@ -304,7 +304,8 @@ def cmd_train(args) -> int:
                       channels=1 if args.grayscale else 3, batch_size=args.batch_size,
                       lr=args.lr, max_steps=args.steps, max_minutes=args.minutes,
                       save_every_minutes=args.save_every_minutes, sample_every=args.sample_every, device=args.device,
-                      cpu_bf16=args.cpu_bf16, loss_weighting=args.loss_weighting, seed=args.seed)
+                      cpu_bf16=args.cpu_bf16, loss_weighting=args.loss_weighting, hflip=args.hflip,
+                      seed=args.seed)
     writable_folder(args.out)
     train(cfg)  # says what it wrote, or that there was nothing to do
     return 0

@@ -64,7 +64,15 @@ class TrainConfig:
     mixed_precision: bool = True  # CUDA: bf16/fp16 autocast. CPU: bf16 only with cpu_bf16
     cpu_bf16: bool | None = None  # None: on where the CPU has native bf16 (emulated bf16 is 10x+ slower)
     loss_weighting: str = "p2"  # one of LOSS_WEIGHTINGS
+    hflip: bool = True  # random horizontal flips; off for data with a handedness (digits, text)
     extra: dict = field(default_factory=dict)
+
+
+def random_flips(x0: torch.Tensor, gen: torch.Generator, enabled: bool = True) -> torch.Tensor:
+    """Mirror each image of the batch with probability 1/2 when enabled. The coin is tossed either way,
+    so switching flips off leaves every later random draw of a run unchanged."""
+    flip = (torch.rand(x0.shape[0], generator=gen) < 0.5) & enabled
+    return torch.where(flip[:, None, None, None], x0.flip(-1), x0)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -308,6 +316,8 @@ def _train(cfg: TrainConfig, out: Path, unet_cfg: UNetConfig, diffusion: Diffusi
                                             else " (no native bf16 on this CPU)" if cfg.cpu_bf16 is None else ""))
     else:
         log(f"loss weighting {cfg.loss_weighting}")
+    if not cfg.hflip:
+        log("random horizontal flips off")
 
     saved_step = step  # what is on disk already (nothing, at step 0)
 
@@ -321,7 +331,7 @@ def _train(cfg: TrainConfig, out: Path, unet_cfg: UNetConfig, diffusion: Diffusi
                    tmp)
         os.replace(tmp, state_path)
         export_model(ema, diffusion, out, {"steps": step, "batch_size": cfg.batch_size, "images": len(data),
-                                           "loss_weighting": cfg.loss_weighting,
+                                           "loss_weighting": cfg.loss_weighting, "hflip": cfg.hflip,
                                            "minutes": round((elapsed_before + time.time() - start) / 60, 1),
                                            "device": str(device)})
         saved_step = step
@@ -335,8 +345,7 @@ def _train(cfg: TrainConfig, out: Path, unet_cfg: UNetConfig, diffusion: Diffusi
         while step < cfg.max_steps:
             idx = torch.randint(len(data), (cfg.batch_size,), generator=gen)
             x0 = data[idx].float() / 127.5 - 1.0
-            flip = torch.rand(cfg.batch_size, generator=gen) < 0.5
-            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0).to(device)
+            x0 = random_flips(x0, gen, cfg.hflip).to(device)
             t = torch.randint(schedule.num_steps, (cfg.batch_size,), generator=gen).to(device)
             noise = torch.randn(x0.shape, generator=gen).to(device)
             a = abar[t][:, None, None, None]
