@@ -18,8 +18,8 @@ Each output is measured twice:
            the background's colour is its cluster's median, the digit's the median of its cluster's
            quarter farthest from the background (its fully covered core). Delta E (CIE76) between
            output and reference, for the digit and for the background separately.
-An output is on target when it is a seven and both delta Es are at most MAX_DELTA_E. The "best N" is the
-ILVR row with the highest on-target share.
+An output is on target when it is a seven and both delta Es are at most MAX_DELTA_E. The best ILVR
+setting is the ILVR row (an N, and a stop step with --stops) with the highest on-target share.
 
 Writes to --out: compare_digits.png (one row per method, one column per reference, for the first
 FIGURE_REFERENCES references), compare_digits.md (the table, also printed) and compare_digits.json (every
@@ -220,13 +220,15 @@ def measure(outputs: list[np.ndarray], reference_colours: list[Colours], classif
 
 
 def ilvr_outputs(model: DiffusionModel, refs: torch.Tensor, n: int, seeds: list[int], steps: str,
-                 batch: int) -> list[list[np.ndarray]]:
-    """For each reference, its samples at N = n, one per seed; the same seeds for every reference."""
+                 batch: int, stop_at: int = 0) -> list[list[np.ndarray]]:
+    """For each reference, its samples at N = n (conditioned on steps 1000 -> stop_at), one per seed; the
+    same seeds for every reference."""
     per_ref = max(1, batch // len(seeds))
     out: list[list[np.ndarray]] = []
     for start in range(0, len(refs), per_ref):
         chunk = refs[start:start + per_ref]
-        x = sample(model, chunk.repeat_interleave(len(seeds), 0), seeds=seeds * len(chunk), n_factor=n, steps=steps)
+        x = sample(model, chunk.repeat_interleave(len(seeds), 0), seeds=seeds * len(chunk), n_factor=n, steps=steps,
+                   stop_at=stop_at)
         images = as_rgb(x)
         out.extend(images[k * len(seeds):(k + 1) * len(seeds)] for k in range(len(chunk)))
     return out
@@ -275,18 +277,21 @@ class Results:
 def run_methods(args: argparse.Namespace, target: DiffusionModel, source: DiffusionModel, chosen: list[dict],
                 refs: torch.Tensor, ref_colours: list[Colours], classifier: digit_classifier.Classifier,
                 factors: list[int], seeds: list[int]) -> Results:
-    """ILVR at every N with every seed, then DDIB, each measured as it finishes."""
+    """ILVR at every N and stop step with every seed, then DDIB, each measured as it finishes."""
     res = Results([], [], {})
     for n in factors:
-        t0 = time.time()
-        outputs = ilvr_outputs(target, refs, n, seeds, args.steps, args.batch)
-        meta = [{"method": "ilvr", "n": n, "seed": s, "reference": c["file"]} for c in chosen for s in seeds]
-        new = measure([im for per_ref in outputs for im in per_ref], [rc for rc in ref_colours for _ in seeds],
-                      classifier, meta)
-        res.records += new
-        res.rows.append(summarise(f"ILVR N={n}", new, args.max_delta_e))
-        res.figure_columns[f"ILVR N={n}"] = [per_ref[0] for per_ref in outputs[:FIGURE_REFERENCES]]
-        print(f"ILVR N={n}: {len(new)} samples in {time.time() - t0:.0f} s", flush=True)
+        for stop in args.stops:
+            t0 = time.time()
+            name = f"ILVR N={n}" + (f", 1000->{stop}" if stop else "")
+            outputs = ilvr_outputs(target, refs, n, seeds, args.steps, args.batch, stop)
+            meta = [{"method": "ilvr", "n": n, "stop_at": stop, "seed": s, "reference": c["file"]}
+                    for c in chosen for s in seeds]
+            new = measure([im for per_ref in outputs for im in per_ref], [rc for rc in ref_colours for _ in seeds],
+                          classifier, meta)
+            res.records += new
+            res.rows.append(summarise(name, new, args.max_delta_e))
+            res.figure_columns[name] = [per_ref[0] for per_ref in outputs[:FIGURE_REFERENCES]]
+            print(f"{name}: {len(new)} samples in {time.time() - t0:.0f} s", flush=True)
     t0 = time.time()
     outputs = ddib_outputs(source, target, refs, args.steps, args.batch)
     new = measure(outputs, ref_colours, classifier,
@@ -307,6 +312,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--sevens-model", default="checkpoints/digits-sevens32", help="ILVR's model and DDIB's target")
     ap.add_argument("--all-model", default="checkpoints/digits-all32", help="DDIB's source model (every digit)")
     ap.add_argument("--factors", default="2,4,8,16", help="ILVR's N values, comma-separated (default 2,4,8,16)")
+    ap.add_argument("--stops", default="0", help="ILVR's stop steps, comma-separated: each N is run conditioned on "
+                    "steps 1000 -> s for every s (default 0: every step)")
     ap.add_argument("--samples", type=int, default=4, help="ILVR samples per reference and N, seeds 0..k-1")
     ap.add_argument("--steps", default="100", help="respaced steps for ILVR and for each half of DDIB")
     ap.add_argument("--classifier", default="data/digits/classifier.pt")
@@ -319,6 +326,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.factors = [int(v) for v in args.factors.split(",") if v.strip()]
     except ValueError:
         ap.error(f"--factors takes whole numbers such as 2,4,8,16, got {args.factors!r}")
+    try:
+        args.stops = [int(v) for v in args.stops.split(",") if v.strip()] or [0]
+    except ValueError:
+        ap.error(f"--stops takes whole numbers such as 0,300, got {args.stops!r}")
     if args.samples < 1 or args.per_digit < 1 or args.batch < 1 or not args.factors:
         ap.error("--samples, --per-digit, --batch and --factors need at least one each")
     if not Path(args.classifier).is_file():
@@ -338,13 +349,15 @@ def main(argv: list[str] | None = None) -> int:
     ref_rgb = as_rgb(refs)
     ref_colours = [split_colours(r) for r in ref_rgb]
     seeds = list(range(args.samples))
-    print(f"{len(chosen)} references; ILVR N = {args.factors} with seeds {seeds}, and DDIB; {args.steps} steps; "
+    print(f"{len(chosen)} references; ILVR N = {args.factors}, stop steps {args.stops}, seeds {seeds}, and DDIB; "
+          f"{args.steps} steps; "
           f"{target.name} ({source.name} as DDIB's source)", flush=True)
     res = run_methods(args, target, source, chosen, refs, ref_colours, classifier, args.factors, seeds)
 
     ilvr_best = best(res.rows[:-1])
     table = markdown_table(res.rows, args.max_delta_e)
-    verdict = f"best N: {ilvr_best['method']} ({ilvr_best['on_target']:.0%} on target); DDIB {res.rows[-1]['on_target']:.0%}"
+    verdict = (f"best ILVR setting: {ilvr_best['method']} ({ilvr_best['on_target']:.0%} on target); "
+               f"DDIB {res.rows[-1]['on_target']:.0%}")
     print("\n" + table + "\n" + verdict)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -152,17 +152,18 @@ def test_a_tiny_run_writes_the_table_the_numbers_and_the_figure(tiny_checkpoint,
     dc.Classifier(dc.make_net(), {"classes": dc.CLASSES}).save(tmp_path / "clf.pt")
     out = tmp_path / "out"
     assert cmp.main(["--data", str(data), "--sevens-model", str(tiny_checkpoint), "--all-model", str(tiny_checkpoint),
-                     "--classifier", str(tmp_path / "clf.pt"), "--factors", "2,8", "--samples", "2", "--steps", "3",
-                     "--batch", "3", "--device", "cpu", "--out", str(out)]) == 0
+                     "--classifier", str(tmp_path / "clf.pt"), "--factors", "2,8", "--stops", "0,500", "--samples", "2",
+                     "--steps", "3", "--batch", "3", "--device", "cpu", "--out", str(out)]) == 0
     said = capsys.readouterr().out
-    assert "| ILVR N=8 | 4 |" in said and "| DDIB | 2 |" in said and "best N: ILVR N=" in said
+    assert "| ILVR N=8 | 4 |" in said and "| DDIB | 2 |" in said and "best ILVR setting: ILVR N=" in said
     report = json.loads((out / "compare_digits.json").read_text())
-    assert [r["method"] for r in report["rows"]] == ["ILVR N=2", "ILVR N=8", "DDIB"]
-    assert len(report["outputs"]) == 2 * 2 * 2 + 2  # references x N x seeds, and one DDIB output each
+    assert [r["method"] for r in report["rows"]] == ["ILVR N=2", "ILVR N=2, 1000->500", "ILVR N=8",
+                                                     "ILVR N=8, 1000->500", "DDIB"]
+    assert len(report["outputs"]) == 2 * 2 * 2 * 2 + 2  # references x N x stops x seeds, and one DDIB output each
     assert {o["reference"] for o in report["outputs"]} == {"heldout/1_0.png", "heldout/2_0.png"}  # no seven
-    assert sorted((o["n"], o["seed"]) for o in report["outputs"]
-                  if o["reference"] == "heldout/1_0.png" and o["method"] == "ilvr") == [(2, 0), (2, 1), (8, 0), (8, 1)]
+    assert sorted((o["n"], o["seed"]) for o in report["outputs"] if o["reference"] == "heldout/1_0.png"
+                  and o["method"] == "ilvr" and o["stop_at"] == 0) == [(2, 0), (2, 1), (8, 0), (8, 1)]
     assert all(r["measured_vs_true_delta_e"] == {"digit": 0.0, "background": 0.0} for r in report["references"])
     assert (out / "compare_digits.md").read_text().startswith("| method |")
     fig = Image.open(out / "compare_digits.png")
-    assert fig.height == 4 * (cmp.FIGURE_CELL + 2) + 2  # reference, N=2, N=8, DDIB
+    assert fig.height == 6 * (cmp.FIGURE_CELL + 2) + 2  # reference, N=2 and N=8 each at two stops, DDIB
