@@ -157,7 +157,8 @@ def generation_wiring(tab: Tab) -> None:
 
 
 def translation_layout(p: dict[str, int], choices: list[int], size: int) -> dict[str, Any]:
-    widgets = dict(image=reference_upload("Reference (any domain)", "tr-image"), n=n_dropdown(choices, p["translation"]))
+    widgets = dict(image=reference_upload("Reference (any domain)", "tr-image"),
+                   n=n_dropdown(choices, p["translation"]))
     with gr.Row():
         widgets["method"] = Radio(list(TRANSLATION_METHODS), value=TRANSLATION_METHODS[0], label="Method",
                                   info="ILVR (N sets what survives) or DDIB (Su et al. 2023: through a second "
@@ -262,7 +263,8 @@ TABS = [
         examples={"emoji": Examples((example_path("noto_grinning_face.png"), example_path("noto_fox.png"),
                                      example_path("twemoji_sun_with_face.png")),
                                     "Examples (Noto Emoji, Apache-2.0; Twemoji, CC-BY-4.0)"),
-                  "digits": Examples((example_path("digit_orange7_on_teal.png"), example_path("digit_red3_on_blue.png")),
+                  "digits": Examples((example_path("digit_orange7_on_teal.png"),
+                                      example_path("digit_red3_on_blue.png")),
                                      DIGIT_EXAMPLES_LABEL)},
         samples=3, samples_label="Samples per row", wiring=generation_wiring),
     TabSpec(
@@ -279,7 +281,8 @@ TABS = [
         examples={"emoji": Examples((example_path("twemoji_cat_face.png"), example_path("twemoji_frog.png"),
                                      example_path("twemoji_sun_with_face.png")),
                                     "Examples (Twemoji by Twitter, CC-BY-4.0)"),
-                  "digits": Examples((example_path("digit_red3_on_blue.png"), example_path("digit_yellow5_on_green.png"),
+                  "digits": Examples((example_path("digit_red3_on_blue.png"),
+                                      example_path("digit_yellow5_on_green.png"),
                                       example_path("digit_white2_on_purple.png")), DIGIT_EXAMPLES_LABEL)}),
     TabSpec(
         name="paint", title="Paint-to-image", prefix="paint",
@@ -290,7 +293,8 @@ TABS = [
         api_name="paint", run_label="Paint to image",
         grid_label="The grid shows the painting, then the images made from it",
         examples={"emoji": Examples((example_path("paint_smiley.png"), example_path("paint_heart.png"),
-                                     example_path("paint_cat.png")), "Examples (drawn by scripts/make_app_examples.py)"),
+                                     example_path("paint_cat.png")),
+                                    "Examples (drawn by scripts/make_app_examples.py)"),
                   "digits": Examples((example_path("paint_digit_seven.png"),),
                                      "Examples (drawn by scripts/make_app_examples.py)")},
         wiring=paint_wiring),
@@ -339,6 +343,7 @@ class ModelPicker:
 def model_picker(allow_paths: bool) -> ModelPicker:
     with gr.Row():
         choice = Dropdown([m.name for m in MODELS], value=DEFAULT_MODEL, label="Model", scale=2,
+                          elem_id="model-choice",
                           info=f"{DEFAULT_MODEL} is bundled and works offline; the others download "
                                "from the Hugging Face Hub on first use")
         path = Textbox("", label="…or a local checkpoint", scale=2, elem_id="model-path",

@@ -257,3 +257,29 @@ def test_artifacts_exist():
         pytest.skip("no shell utilities")
     names = {p.name for p in ARTIFACTS.glob("*.png")} if ARTIFACTS.exists() else set()
     assert {"1-generation-done.png", "2-translation.png", "3-paint-sketch.png", "4-scribble.png"} <= names
+
+
+@pytest.mark.skipif(not (ROOT / "checkpoints" / "digits-sevens32" / "model.safetensors").is_file(),
+                    reason="the bundled digit model is missing")
+def test_digit_model_brings_its_examples_and_ddib(page):
+    """Picking the sevens model shows the coloured-digit examples; its first translation example (a red 3
+    on blue) translates by ILVR at the model's own preset and by DDIB from the all-digits model."""
+    page.locator("#model-choice input").click()
+    page.get_by_role("option", name="digits-sevens32").click()
+    sync_api.expect(page.locator("#model-status")).to_contain_text("digits-sevens32", timeout=60_000)
+    open_tab(page, "Domain translation")
+    panel = page.locator("#tr-run").locator("xpath=ancestor::div[@role='tabpanel'][1]")
+    digit_examples = panel.get_by_text("Examples (coloured digits")
+    sync_api.expect(digit_examples).to_be_visible()
+    sync_api.expect(panel.get_by_text("Examples (Twemoji by Twitter, CC-BY-4.0)")).to_be_hidden()
+    digit_examples.locator("xpath=ancestor::div[contains(@class,'block')][1]").locator("button").first.click()
+    sync_api.expect(page.locator("#tr-image img")).to_have_count(1, timeout=30_000)
+    set_advanced(page, "tr", steps="25", samples=2)
+    run(page, "tr", 2)
+    sync_api.expect(page.locator("#tr-info")).to_contain_text("N=8")
+    shot(page, "5-digits-ilvr")
+    page.locator("#tr-method").get_by_text("DDIB", exact=True).click()
+    sync_api.expect(page.locator("#tr-source input")).to_have_value("digits-all32")
+    run(page, "tr", 1)
+    sync_api.expect(page.locator("#tr-info")).to_contain_text("DDIM-inverted through digits-all32")
+    shot(page, "5-digits-ddib")
