@@ -43,11 +43,11 @@ from .model import COMPILE_MODES, DiffusionModel, inference_unet
 from .network import UNet, UNetConfig, count_parameters
 from .registry import CHECKPOINTS_DIR, DEFAULT_MODEL, scaled_factor
 from .runtime.onnx_cpu import cpu_backend as cpu_backend_choice
-from .runtime.onnx_cpu import cpu_runtime_for
+from .runtime.cpu_choice import cpu_runtime_for
 from .sampler import sample
 from .schedule import DiffusionConfig
 from .timing import (FULL_STEPS, STATS, TIMED_STEPS, CpuPeakRss, Variant, environment, format_environment,
-                     param_bytes, run_sequential, sync, time_ilvr_work)
+                     param_bytes, run_sequential, sync, synthetic_reference, time_ilvr_work)
 from .whole_runs import add_arguments as add_whole_run_arguments
 from .whole_runs import run as run_whole_runs
 
@@ -110,13 +110,6 @@ def make_fast(model: DiffusionModel, *, dtype: torch.dtype | None = None, channe
 
 
 # ----------------------------------------------------------------------------- the straightforward loop
-
-def synthetic_reference(size: int, channels: int = 3, seed: int = 0) -> torch.Tensor:
-    """A smooth deterministic image in [-1, 1] (timings do not depend on the content)."""
-    g = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(1, channels, 8, 8, generator=g) * 2 - 1
-    return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)[0]
-
 
 def bench_setup(model: DiffusionModel, *, label: str, weights_note: str, batch: int, steps: int, repeats: int,
                 n_factor: int, kernel: str, fast_dtype: torch.dtype, channels_last: bool, compile: bool,

@@ -12,7 +12,7 @@ import torch
 from .runtime import SamplingRun
 from .runtime.cuda_graphs import GraphedPredict
 from .network import UNet, count_parameters
-from .runtime.onnx_cpu import cpu_runtime_for
+from .runtime.cpu_choice import cpu_runtime_for
 from .schedule import DiffusionConfig, Schedule
 
 

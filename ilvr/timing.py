@@ -223,3 +223,10 @@ def format_environment(env: dict[str, Any]) -> str:
     if "cuda_device" in env:
         s += f", GPU: {env['cuda_device']}"
     return s
+
+
+def synthetic_reference(size: int, channels: int = 3, seed: int = 0) -> torch.Tensor:
+    """A smooth deterministic image in [-1, 1] (timings do not depend on the content)."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(1, channels, 8, 8, generator=g) * 2 - 1
+    return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)[0]

@@ -44,6 +44,7 @@ from .network import UNet, UNetConfig
 from .official_sampler import check_checkout, official_command, official_environment, official_flags
 from .registry import scaled_factor
 from .runtime.cpu_choice import cpu_identity
+from .timing import synthetic_reference
 from .timing import environment, format_environment
 
 ADM64 = dict(image_size=64, out_channels=6, model_channels=64, channel_mult=(1, 2, 3, 4), num_res_blocks=1,
@@ -160,7 +161,6 @@ def prepare_model(name: str, bundled: str, work: Path, official: bool) -> tuple[
 def write_references(work: Path, size: int, count: int) -> tuple[Path, Path]:
     """One smooth synthetic reference for ours and the plain loop, and a folder with `count` copies of
     it for the official sampler (one reference per sample)."""
-    from .bench import synthetic_reference  # here: ilvr.bench imports this module
 
     image = tensor_to_pil(synthetic_reference(size))
     single = work / f"reference{size}.png"

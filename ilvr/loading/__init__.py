@@ -27,7 +27,7 @@ from ..runtime.cpu_memory import keep_freed_heap
 from ..device import DeviceError, resolve_device, resolve_dtype
 from ..model import DiffusionModel, inference_unet
 from ..runtime.onnx_cpu import cpu_backend as cpu_backend_choice
-from ..runtime.onnx_cpu import cpu_runtime_for
+from ..runtime.cpu_choice import cpu_runtime_for
 from ..registry import BUNDLED, BY_NAME, MODELS
 from .adm import ADM_IMAGE_SIZE_BY_MULT, assumed_settings, infer_adm_config, new_to_legacy_qkv
 from .diffusers import diffusers_to_adm, diffusion_from_scheduler, unet_config_from_diffusers

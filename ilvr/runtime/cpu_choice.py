@@ -17,6 +17,7 @@ the shapes, not on the values. ``ILVR_CPU_BACKEND=onnxruntime`` or ``torch`` ski
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -27,7 +28,7 @@ import torch
 
 from ..network import UNet
 from .onnx_cache import read_json, runtime_cache_dir, versions, write_json_atomically
-from .onnx_cpu import OnnxUNet, is_channels_last, onnx_unet_or_warn
+from .onnx_cpu import OnnxUNet, cpu_backend, is_channels_last, onnx_unet_or_warn
 
 MARGIN = 0.05  # onnxruntime must be at least this much faster to be used
 TIMED_CALLS = 2  # per backend, after one warm-up call each
@@ -149,3 +150,22 @@ class MeasuredBackend:
         if backend == "onnxruntime" and self.onnx is not None:
             return self.onnx(x, t)
         return self.unet(x, t).float()
+
+
+def cpu_runtime_for(unet: UNet, device: torch.device | str, dtype: torch.dtype, backend: str | None = None,
+                    cache: bool = True):
+    """What a model runs its UNet through on CPU in float32: an OnnxUNet where onnxruntime is forced
+    (`backend`, else as ``cpu_backend`` chooses), a ``cpu_choice.MeasuredBackend`` for auto (it
+    exports only for batch sizes where onnxruntime may win), None for PyTorch, for other devices and
+    dtypes, or (with a warning) where onnxruntime cannot run the UNet. `cache`: keep the export on disk
+    (for weights loaded from files; not for weights that change, such as a model being trained)."""
+    if torch.device(device).type != "cpu" or dtype != torch.float32:
+        return None
+    choice = cpu_backend(backend)
+    if choice == "torch" or unet.config.num_classes is not None:  # the sampler refuses class-conditional
+        return None  # models with its own message
+    if choice == "auto":
+        if importlib.util.find_spec("onnxruntime") is None:
+            return None
+        return MeasuredBackend(unet, cache=cache)
+    return onnx_unet_or_warn(unet, cache)

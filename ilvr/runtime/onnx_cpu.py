@@ -13,13 +13,12 @@ session holds its own copy of the weights; when the UNet's weights change after 
 onnxruntime is missing or the export fails, sampling runs on PyTorch with a warning.
 
 Which backend: by default (``auto``) each batch size gets the one that measured faster on this machine
-(``ilvr.runtime.cpu_choice``); ``ILVR_CPU_BACKEND=onnxruntime`` or ``torch`` (or
-``load_model(..., cpu_backend=...)``) forces one.
+(``ilvr.runtime.cpu_choice``, which also makes a model's CPU runtime: ``cpu_runtime_for``);
+``ILVR_CPU_BACKEND=onnxruntime`` or ``torch`` (or ``load_model(..., cpu_backend=...)``) forces one.
 """
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import itertools
 import os
@@ -167,27 +166,6 @@ def onnx_unet_or_warn(unet: UNet, cache: bool) -> OnnxUNet | None:
         warnings.warn(f"onnxruntime cannot run this UNet ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                       f"sampling on PyTorch instead (set {BACKEND_ENV}=torch to skip the attempt)", RuntimeWarning)
         return None
-
-
-def cpu_runtime_for(unet: UNet, device: torch.device | str, dtype: torch.dtype, backend: str | None = None,
-                    cache: bool = True):
-    """What a model runs its UNet through on CPU in float32: an OnnxUNet where onnxruntime is forced
-    (`backend`, else as ``cpu_backend`` chooses), a ``cpu_choice.MeasuredBackend`` for auto (it
-    exports only for batch sizes where onnxruntime may win), None for PyTorch, for other devices and
-    dtypes, or (with a warning) where onnxruntime cannot run the UNet. `cache`: keep the export on disk
-    (for weights loaded from files; not for weights that change, such as a model being trained)."""
-    if torch.device(device).type != "cpu" or dtype != torch.float32:
-        return None
-    choice = cpu_backend(backend)
-    if choice == "torch" or unet.config.num_classes is not None:  # the sampler refuses class-conditional
-        return None  # models with its own message
-    if choice == "auto":
-        if importlib.util.find_spec("onnxruntime") is None:
-            return None
-        from .cpu_choice import MeasuredBackend
-
-        return MeasuredBackend(unet, cache=cache)
-    return onnx_unet_or_warn(unet, cache)
 
 
 _threads_lock = threading.Lock()
