@@ -7,6 +7,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -23,7 +24,7 @@ from .images import load_reference, open_image, plural, save_animation, save_png
 from .loading import assumed_settings, load_model
 from .network import UNetConfig, count_parameters
 from .registry import generation_factors, scaled_factor
-from .sampler import check_unconditional, sample, settings_dict
+from .sampler import StepInfo, check_unconditional, sample, settings_dict
 from .train import TrainConfig, train
 
 _created: list[tuple[Path, Path]] = []  # (folder, topmost folder made for it) by writable_folder in this command
@@ -78,6 +79,20 @@ def process_frames(total: int) -> set[int]:
     them evenly spaced (every step for shorter runs), the last one included."""
     count = min(total, PROCESS_FRAMES)
     return {round(total * (i + 1) / count) for i in range(count)}
+
+
+def frame_recorder(bar: tqdm, count: int, kept: set[int]) -> tuple[Callable[[StepInfo], None], list[list]]:
+    """A progress callback for one batch of `count` samples, and the frames it collects: each step
+    advances `bar` by the batch, and at the steps in `kept` (``process_frames``) each sample's predicted
+    x0 is kept for its --save-process GIF."""
+    frames: list[list] = [[] for _ in range(count)]
+
+    def on_step(info: StepInfo) -> None:
+        bar.update(count)
+        if info.index in kept:
+            for j, guess in enumerate(info.pred_x0):
+                frames[j].append(tensor_to_pil(guess))
+    return on_step, frames
 
 
 def model_options(args) -> dict[str, object]:
@@ -196,14 +211,7 @@ def cmd_sample(args) -> int:
         seeds = [derive_seed(args.seed, key, k) for k in range(args.num)]
         for start in range(0, args.num, args.batch_size):
             chunk = seeds[start:start + args.batch_size]
-            frames: list[list] = [[] for _ in chunk]  # per sample, predicted x0 at evenly spaced steps
-
-            def on_step(info, count=len(chunk), frames=frames):
-                bar.update(count)
-                if info.index in kept_frames:
-                    for j, guess in enumerate(info.pred_x0):
-                        frames[j].append(tensor_to_pil(guess))
-
+            on_step, frames = frame_recorder(bar, len(chunk), kept_frames)
             x = sample(model, ref, seeds=chunk, n_factor=n, kernel=args.filter, steps=args.steps, stop_at=args.stop_at,
                        sampler=args.sampler, mask=mask, keep_outside=args.keep_outside, progress=on_step)
             for j, img in enumerate(x):
@@ -265,14 +273,7 @@ def cmd_sample_ddib(args) -> int:
     for start in range(0, len(args.ref), args.batch_size):
         chunk = args.ref[start:start + args.batch_size]
         refs = torch.stack([load_reference(r, source.image_size, source.config.in_channels) for r in chunk])
-        frames: list[list] = [[] for _ in chunk]
-
-        def on_step(info, count=len(chunk), frames=frames):
-            bar.update(count)
-            if info.index in kept_frames:
-                for j, guess in enumerate(info.pred_x0):
-                    frames[j].append(tensor_to_pil(guess))
-
+        on_step, frames = frame_recorder(bar, len(chunk), kept_frames)
         x = ddib_translate(source, model, refs, steps=args.steps, progress=on_step)
         for j, img in enumerate(x):
             settings = ddib_settings(source, model, args.steps, reference=str(chunk[j]), index=0)

@@ -35,7 +35,7 @@ from .runtime.cuda_graphs import gpu_work
 from .sampler import ProgressFn, StepInfo, check_unconditional, settings_dict
 from .schedule import Schedule, ddim_step, predict_step
 
-__all__ = ["ddib_translate", "ddim_invert", "ddim_decode", "result_settings", "settings_extra"]
+__all__ = ["check_pair", "ddib_translate", "ddim_invert", "ddim_decode", "result_settings", "settings_extra"]
 
 
 def _checked_images(model: DiffusionModel, x: torch.Tensor, what: str, value_range: float | None) -> torch.Tensor:
@@ -112,6 +112,16 @@ def ddim_decode(model: DiffusionModel, x_T: torch.Tensor, steps: str | int = "25
     return run.output(x)
 
 
+def check_pair(source_model: DiffusionModel, target_model: DiffusionModel) -> None:
+    """Refuse two models DDIB cannot bridge: x_T must have one shape for both (image size, channels)."""
+    if (source_model.image_size, source_model.config.in_channels) != (target_model.image_size,
+                                                                       target_model.config.in_channels):
+        raise ValueError(f"DDIB needs two models of one image size and channel count: {source_model.name} is "
+                         f"{source_model.image_size} px with {source_model.config.in_channels} channel(s), "
+                         f"{target_model.name} {target_model.image_size} px with "
+                         f"{target_model.config.in_channels}; pick a source model of {target_model.image_size} px")
+
+
 def ddib_translate(source_model: DiffusionModel, target_model: DiffusionModel, reference: torch.Tensor, *,
                    steps: str | int = "250", clip: bool | None = False,
                    progress: ProgressFn | None = None) -> torch.Tensor:
@@ -125,12 +135,7 @@ def ddib_translate(source_model: DiffusionModel, target_model: DiffusionModel, r
     inversion's steps, then the sampling's (``StepInfo.index`` runs from 1 to twice the steps).
     Returns float32 (B, C, H, W) on the target model's device, not clipped.
     """
-    if (source_model.image_size, source_model.config.in_channels) != (target_model.image_size,
-                                                                       target_model.config.in_channels):
-        raise ValueError(f"DDIB needs two models of one image size and channel count: {source_model.name} is "
-                         f"{source_model.image_size} px with {source_model.config.in_channels} channel(s), "
-                         f"{target_model.name} {target_model.image_size} px with "
-                         f"{target_model.config.in_channels}")
+    check_pair(source_model, target_model)
     _schedule(target_model, steps)  # every argument checked before the first step
     n_source = _schedule(source_model, steps).num_steps
     n_target = target_model.schedule.respace(steps).num_steps

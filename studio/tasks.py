@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from ilvr import validate
+from ilvr.ddib import check_pair
 from ilvr.images import ImageError, load_reference, tensor_to_pil
 from ilvr.filters import valid_factors
 from ilvr.model import DiffusionModel
@@ -89,9 +90,7 @@ def ddib_job(model: DiffusionModel, source: DiffusionModel, image: Any, samples:
     sampler and the seed do not apply. Returns the job and warnings for the user."""
     img = reference_image(image)
     check_unconditional(source)
-    if (source.image_size, source.config.in_channels) != (model.image_size, model.config.in_channels):
-        raise ValueError(f"DDIB needs two models of one size: the source {source.name} is {source.image_size} px, "
-                         f"{model.name} {model.image_size} px; pick a source model of {model.image_size} px")
+    check_pair(source, model)
     steps, seeds = run_settings(model, samples, steps, kernel, sampler, seed)
     warnings = [f"DDIB is deterministic: one image instead of {len(seeds)} (a second would be the same picture)."
                 ] if len(seeds) > 1 else []

@@ -67,7 +67,7 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(flat.contiguous().view(torch.uint8).numpy())
 
 
-def weights_digest(module: torch.nn.Module) -> str:
+def tensors_digest(module: torch.nn.Module) -> str:
     """SHA-256 of every parameter and buffer: names, dtypes, shapes and values."""
     digest = hashlib.sha256()
     for name, tensor in module.state_dict().items():
@@ -93,7 +93,7 @@ def source_digest(module: torch.nn.Module) -> str:
 
 def export_key(unet: torch.nn.Module, sample_shape: tuple[int, ...], channels_last: bool) -> str:
     """The cache name of `unet`'s export: changes with anything that changes the exported file."""
-    description = {"weights": weights_digest(unet), "source": source_digest(unet), "settings": EXPORT_SETTINGS,
+    description = {"weights": tensors_digest(unet), "source": source_digest(unet), "settings": EXPORT_SETTINGS,
                    "sample_shape": list(sample_shape), "channels_last": channels_last, "versions": versions()}
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:32]
 
