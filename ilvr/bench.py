@@ -119,7 +119,8 @@ def bench_setup(model: DiffusionModel, *, label: str, weights_note: str, batch: 
     """Time unconditional / ours / plain for one model, device and batch size. Returns a result dict."""
     device = model.device
     # the bench times both CPU backends itself, so auto (measured per batch size) means onnxruntime here
-    backend = "onnxruntime" if cpu_backend_choice(cpu_backend) == "auto" else cpu_backend_choice(cpu_backend)
+    backend = cpu_backend_choice(cpu_backend)
+    backend = "onnxruntime" if backend == "auto" else backend
     fast = make_fast(model, dtype=fast_dtype, channels_last=channels_last, compile=compile, compile_mode=compile_mode,
                      cuda_graphs=cuda_graphs, cpu_backend=backend)
     fp32 = torch.float32
