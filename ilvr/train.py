@@ -285,7 +285,7 @@ def _train(cfg: TrainConfig, out: Path, unet_cfg: UNetConfig, diffusion: Diffusi
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
         step, elapsed_before = state["step"], state.get("elapsed_s", 0.0)
-        gen.set_state(state["rng"])
+        gen.set_state(state["rng"].cpu())  # the generator lives on the CPU; map_location moved its state
         asked = {"lr": cfg.lr, "batch size": cfg.batch_size}
         before = [f"{what} {state[key]:g}" for what, key in (("lr", "lr"), ("batch size", "batch_size"))
                   if key in state and state[key] != asked[what]]  # states written before they were recorded: none

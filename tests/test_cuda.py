@@ -103,6 +103,10 @@ def test_train_on_cuda_few_steps(tmp_path):
                  "--steps", "3", "--sample-every", "0", "--device", "cuda"]) == 0
     assert json.loads((out / "config.json").read_text())["training"]["steps"] == 3
     assert torch.isfinite(sample(load_model(out, device="cuda"), None, seeds=[0], steps="3")).all()
+    # a second run resumes the saved state on the GPU (the CPU generator's state must come back to the CPU)
+    assert main(["train", "--data", str(data), "--out", str(out), *TINY_TRAIN_FLAGS, "--batch-size", "4",
+                 "--steps", "5", "--sample-every", "0", "--device", "cuda"]) == 0
+    assert json.loads((out / "config.json").read_text())["training"]["steps"] == 5
 
 
 def test_torchrun_on_cuda_uses_nccl_and_matches_one_process(tmp_path):
