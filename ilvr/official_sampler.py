@@ -1,14 +1,18 @@
 """Driving the official ILVR sampler (jychoi118/ilvr_adm, ``scripts/ilvr_sample.py``) for the whole-run
 benchmark: the guided-diffusion flags that build a given architecture, and its command and environment.
 
-The checkout is the user's (``git clone https://github.com/jychoi118/ilvr_adm``, commit 9b84f26); it
-needs torch, torchvision, blobfile and pillow. ``benchmarks/ilvr_adm_shim`` stands in for mpi4py (one
-process; process-group setup only) and starts the script unchanged.
+The checkout is the user's (``git clone https://github.com/jychoi118/ilvr_adm``, commit 9b84f26, or an
+exported tree of it); it needs torch, blobfile and pillow, and torchvision where a build exists for the
+installed torch. ``benchmarks/ilvr_adm_shim`` stands in for mpi4py (one process; process-group setup
+only) and, where torchvision is not installed, for the one torchvision call the script makes
+(``save_image`` of one image), and starts the script unchanged.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
+from importlib.machinery import PathFinder
 from pathlib import Path
 
 from .network import UNetConfig
@@ -66,6 +70,14 @@ def official_environment(checkout: Path, base: dict[str, str]) -> dict[str, str]
     """`base` with the mpi4py stand-in and the checkout (guided_diffusion, resizer.py) on PYTHONPATH."""
     paths = [str(SHIM_DIR), str(checkout), *filter(None, [base.get("PYTHONPATH")])]
     return {**base, "PYTHONPATH": os.pathsep.join(paths)}
+
+
+def saving_notes(checkout: Path) -> list[str]:
+    """A note when the official sampler's process will find no torchvision (it shares this process's
+    environment, with the shim and the checkout first on its path) and saves with the shim's stand-in."""
+    if importlib.util.find_spec("torchvision") or PathFinder.find_spec("torchvision", [str(SHIM_DIR), str(checkout)]):
+        return []
+    return ["the official sampler saved its PNGs with the shim's stand-in save_image (no torchvision installed)"]
 
 
 def check_checkout(checkout: Path) -> None:

@@ -41,7 +41,7 @@ import torch
 from .images import tensor_to_pil
 from .loading import load_model
 from .network import UNet, UNetConfig
-from .official_sampler import check_checkout, official_command, official_environment, official_flags
+from .official_sampler import check_checkout, official_command, official_environment, official_flags, saving_notes
 from .registry import scaled_factor
 from .runtime.cpu_choice import cpu_identity
 from .timing import synthetic_reference
@@ -133,7 +133,7 @@ def write_adm64(path: Path, seed: int = 0) -> None:
     torch.save(unet.state_dict(), path)
 
 
-def prepare_model(name: str, bundled: str, work: Path, official: bool) -> tuple[dict[str, Any], list[str]]:
+def prepare_model(name: str, bundled: str, work: Path, checkout: Path | None) -> tuple[dict[str, Any], list[str]]:
     """Write what `name` needs into `work`; returns (fields of its Setup, official flags or [])."""
     if name == "adm64":
         source = work / "adm64.pt"
@@ -145,12 +145,13 @@ def prepare_model(name: str, bundled: str, work: Path, official: bool) -> tuple[
     fields = {"model": name, "source": str(source), "label": label, "weights_pt": None, "image_size": model.image_size,
               "parameters": sum(p.numel() for p in model.unet.parameters()), "notes": []}
     flags: list[str] = []
-    if official:
+    if checkout is not None:
         try:
             flags, fields["notes"] = official_flags(model.unet.config, model.diffusion)
         except ValueError as e:
             fields["notes"] = [f"{e}; the plain loop is the yardstick instead"]
         else:
+            fields["notes"] += saving_notes(checkout)
             fields["weights_pt"] = source if name == "adm64" else work / f"{name}.pt"
             if name != "adm64":
                 weights = {k: v.float().contiguous() for k, v in model.unet.state_dict().items()}
@@ -277,7 +278,8 @@ def add_arguments(p) -> None:
                         "overrides 250 (bundled) and 50 (adm64)")
     p.add_argument("--official", type=Path, default=None, metavar="CHECKOUT",
                    help="with --whole-runs: a checkout of github.com/jychoi118/ilvr_adm (commit 9b84f26), timed as "
-                        "the yardstick (needs torchvision and blobfile; mpi4py is stood in for)")
+                        "the yardstick (needs blobfile and pillow; mpi4py is stood in for, and so is torchvision's "
+                        "save_image where torchvision is not installed)")
     p.add_argument("--check-plain", action="store_true",
                    help="with --whole-runs --official: time only the plain loop against the official sampler")
 
@@ -304,7 +306,7 @@ def run(args, log: Callable[[str], None] = print) -> dict[str, Any]:
         if args.threads:
             base_env["OMP_NUM_THREADS"] = str(args.threads)
         for name in models:
-            fields, flags = prepare_model(name, args.model, work, checkout is not None)
+            fields, flags = prepare_model(name, args.model, work, checkout)
             reference, references = write_references(work, fields["image_size"], max(batches))
             for batch in batches:
                 setup = Setup(**fields, steps=str(args.steps) if args.steps else MODEL_STEPS[name], batch=batch,

@@ -1,7 +1,10 @@
 """bench --whole-runs: the child processes it starts, what it measures of them, and the official
 sampler's flags and plumbing (against a stand-in checkout: the real one is not in the repository).
 No timing is asserted: speed is the benchmarks' business."""
+import importlib.util
 import json
+import os
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -10,7 +13,7 @@ import pytest
 
 from ilvr.cli import main
 from ilvr.network import UNetConfig
-from ilvr.official_sampler import SHIM_DIR, official_flags
+from ilvr.official_sampler import SHIM_DIR, official_environment, official_flags, saving_notes
 from ilvr.schedule import DiffusionConfig
 from ilvr.whole_runs import ADM64, Launcher, Setup, variants_for
 
@@ -131,6 +134,49 @@ def test_whole_runs_time_each_variant_in_its_own_process(tiny_checkpoint, tmp_pa
     assert (calls[0]["down_N"], calls[0]["range_t"], calls[0]["timestep_respacing"]) == ("4", "0", "2")
     assert calls[0]["model_path"].endswith("bundled.pt")
     assert "--image_size" in calls[0]["rest"] and "--learn_sigma" in calls[0]["rest"]
+    assert not any("stand-in" in note for note in res["notes"])  # the fake checkout brings a torchvision
+
+
+STAND_IN_SCRIPT = '''
+import sys
+import torch
+from torchvision import utils
+
+x = torch.tensor([[-1.0, 0.0, 1.0], [-0.5, 0.5, 2.0]])
+image = torch.stack([x, -x, torch.zeros_like(x)]).unsqueeze(0)  # 1 x 3 x 2 x 3, as the official script saves
+utils.save_image(image, sys.argv[1], nrow=1, normalize=True, range=(-1, 1))
+try:
+    utils.save_image(image.repeat(2, 1, 1, 1), sys.argv[1] + ".grid.png", nrow=2, normalize=True, range=(-1, 1))
+except NotImplementedError as e:
+    print("refused:", e)
+'''
+
+
+def test_without_torchvision_the_shim_saves_the_png_with_its_stand_in(tmp_path):
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed: the shim would save with it")
+    from PIL import Image
+
+    checkout = tmp_path / "ilvr_adm"
+    (checkout / "scripts").mkdir(parents=True)
+    (checkout / "scripts" / "ilvr_sample.py").write_text(textwrap.dedent(STAND_IN_SCRIPT))
+    env = official_environment(checkout, {k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    out = tmp_path / "00000.png"
+    done = subprocess.run([sys.executable, str(SHIM_DIR / "run_ilvr_sample.py"), str(checkout), str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "saving with the stand-in save_image" in done.stderr  # no torchvision was found in the child either
+    image = Image.open(out)
+    assert image.mode == "RGB" and image.size == (3, 2)
+    # clamped to -1..1, then torchvision's (x + 1) / 2 * 255 + 0.5, truncated
+    assert [[image.getpixel((x, y)) for x in range(3)] for y in range(2)] == [
+        [(0, 255, 128), (128, 128, 128), (255, 0, 128)],
+        [(64, 191, 128), (191, 64, 128), (255, 0, 128)]]
+    assert "refused: the torchvision stand-in saves one 1 x 3 x H x W image only" in done.stdout
+    assert not (tmp_path / "00000.png.grid.png").exists()
+    assert saving_notes(checkout) == ["the official sampler saved its PNGs with the shim's stand-in save_image "
+                                      "(no torchvision installed)"]
+    assert saving_notes(fake_checkout(tmp_path / "with_torchvision")) == []
 
 
 def test_whole_runs_refuse_what_they_cannot_time(tmp_path, capsys):
