@@ -20,7 +20,10 @@ round (ABC, BCA, CAB) so that slow drifts of the machine spread over all variant
 min, median and max wall seconds, the median CPU seconds (user + system, the child and the processes it
 waited for), the largest peak resident set (``ru_maxrss`` from ``os.wait4``: the child or any process it
 waited for; children are started by ``ilvr/process_launcher.py``, whose docstring says why) and the
-ratio of medians to the yardstick. ``--check-plain`` times the plain loop against the
+ratio of medians to the yardstick, and the UNet work the run did per second of it (GFLOP/s: the UNet's
+multiply-adds per image, counted by ``torch.utils.flop_counter``, times images and steps, over the median
+wall time) beside this machine's fp32 matrix-product rate, so a row near the CPU's limit shows as one.
+``--check-plain`` times the plain loop against the
 official sampler alone: the plain loop stands in for it only while their whole runs agree closely.
 """
 from __future__ import annotations
@@ -37,6 +40,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from .images import tensor_to_pil
 from .loading import load_model
@@ -122,7 +127,12 @@ class Setup:
     steps: str
     batch: int
     n_factor: int
+    unet_gflop: float | None = None  # one UNet call on one image
     notes: list[str] = field(default_factory=list)
+
+    def unet_work_gflop(self) -> float | None:
+        """The UNet's work in one run: per image and call, times images and steps (None: steps not a count)."""
+        return self.unet_gflop * self.batch * int(self.steps) if self.unet_gflop and self.steps.isdigit() else None
 
 
 def write_adm64(path: Path, seed: int = 0) -> None:
@@ -131,6 +141,33 @@ def write_adm64(path: Path, seed: int = 0) -> None:
         torch.manual_seed(seed)
         unet = UNet(UNetConfig(**ADM64))
     torch.save(unet.state_dict(), path)
+
+
+def unet_gflop_per_image(unet: UNet) -> float:
+    """GFLOP of one UNet call on one image (convolutions, matrix products and attention; 2 per multiply-add)."""
+    size, channels = unet.config.image_size, unet.config.in_channels
+    # the counter has no formula for the CPU's fused attention kernel: the math kernel's products it counts
+    with torch.inference_mode(), sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
+        unet(torch.zeros(1, channels, size, size), torch.tensor([500]))
+    return counter.get_total_flops() / 1e9
+
+
+def matmul_gflops(threads: int, n: int = 2048, calls: int = 5) -> float:
+    """This machine's fp32 matrix-product rate on `threads` threads (best of `calls`): the ceiling to compare with."""
+    import time
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        a @ b
+        best = float("inf")
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(previous)
+    return 2 * n ** 3 / best / 1e9
 
 
 def prepare_model(name: str, bundled: str, work: Path, checkout: Path | None) -> tuple[dict[str, Any], list[str]]:
@@ -143,7 +180,8 @@ def prepare_model(name: str, bundled: str, work: Path, checkout: Path | None) ->
     model = load_model(source, device="cpu", dtype=torch.float32, channels_last=False, cpu_backend="torch")
     label = "a raw guided-diffusion .pt, random weights" if name == "adm64" else str(source)
     fields = {"model": name, "source": str(source), "label": label, "weights_pt": None, "image_size": model.image_size,
-              "parameters": sum(p.numel() for p in model.unet.parameters()), "notes": []}
+              "parameters": sum(p.numel() for p in model.unet.parameters()),
+              "unet_gflop": unet_gflop_per_image(model.unet), "notes": []}
     flags: list[str] = []
     if checkout is not None:
         try:
@@ -228,24 +266,35 @@ def time_setup(launcher: Launcher, setup: Setup, variants: list[Variant], repeat
         log(f"  round {r + 1}/{repeats}: " + ", ".join(f"{v.name} {v.runs[-1].wall_s:.2f} s" for v in variants))
     yardstick = variants[-1]
     base = statistics.median(c.wall_s for c in yardstick.runs)
-    summaries = {v.name: {**v.summary(), "vs_yardstick": statistics.median(c.wall_s for c in v.runs) / base}
-                 for v in variants}
+    work = setup.unet_work_gflop()
+    summaries = {}
+    for v in variants:
+        median = statistics.median(c.wall_s for c in v.runs)
+        summaries[v.name] = {**v.summary(), "vs_yardstick": median / base,
+                             "unet_gflops_per_s": work / median if work else None}
     return {"model": setup.model, "source": setup.label, "parameters": setup.parameters,
             "image_size": setup.image_size, "steps": setup.steps, "batch": setup.batch, "N": setup.n_factor,
+            "unet_gflop_per_image": setup.unet_gflop, "unet_work_gflop": work,
             "repeats": repeats, "yardstick": yardstick.name, "notes": setup.notes, "variants": summaries}
 
 
-def format_setup(res: dict[str, Any]) -> str:
+def format_setup(res: dict[str, Any], matmul_rate: float | None = None) -> str:
+    work = res.get("unet_work_gflop")
     lines = [f"== {res['model']} ({res['source']}, {res['parameters'] / 1e6:.1f} M parameters, "
              f"{res['image_size']} px), {res['steps']} steps, batch {res['batch']}, N={res['N']}: "
-             f"{res['repeats']} timed whole runs each",
+             f"{res['repeats']} timed whole runs each"
+             + (f"; UNet work {work:.0f} GFLOP per run" if work else ""),
              f"{'variant':12s} {'first s':>8s} {'min s':>8s} {'median s':>9s} {'max s':>8s} {'CPU s':>8s} "
-             f"{'peak MiB':>9s} {'vs ' + res['yardstick']:>12s}"]
+             f"{'peak MiB':>9s} {'vs ' + res['yardstick']:>12s} {'GFLOP/s':>8s}"]
     for name, v in res["variants"].items():
         wall = v["wall_s"]
         first = f"{v['first']['wall_s']:.2f}" if v["first"] else "n/a"
+        rate = f"{v['unet_gflops_per_s']:.0f}" if v.get("unet_gflops_per_s") else "n/a"
         lines.append(f"{name:12s} {first:>8s} {wall['min']:8.2f} {wall['median']:9.2f} {wall['max']:8.2f} "
-                     f"{v['cpu_s_median']:8.2f} {v['peak_rss_mib_max']:9.0f} {v['vs_yardstick']:11.2f}x")
+                     f"{v['cpu_s_median']:8.2f} {v['peak_rss_mib_max']:9.0f} {v['vs_yardstick']:11.2f}x {rate:>8s}")
+    if work and matmul_rate:
+        lines.append(f"GFLOP/s: the UNet's work over the median whole run (start-up included); this machine's fp32 "
+                     f"matrix product runs at {matmul_rate:.0f}")
     lines += [f"note: {n}" for n in res["notes"]]
     return "\n".join(lines)
 
@@ -299,6 +348,9 @@ def run(args, log: Callable[[str], None] = print) -> dict[str, Any]:
     batches = args.batch or DEFAULT_BATCHES
     env = environment()
     log(format_environment(env) + " -- whole runs")
+    threads = args.threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or torch.get_num_threads()
+    matmul_rate = matmul_gflops(threads)
+    log(f"fp32 matrix product (2048 x 2048, {threads} thread(s)): {matmul_rate:.0f} GFLOP/s")
     results = []
     with tempfile.TemporaryDirectory(prefix="ilvr-whole-runs-") as tmp, Launcher() as launcher:
         work = Path(tmp)
@@ -318,11 +370,12 @@ def run(args, log: Callable[[str], None] = print) -> dict[str, Any]:
                 results.append(time_setup(launcher, setup, variants, args.repeats, work, log))
     log("")
     for res in results:
-        log(format_setup(res) + "\n")
+        log(format_setup(res, matmul_rate) + "\n")
     out = {"kind": "whole runs", "machine": cpu_identity(), "device": f"CPU, {env['threads']} threads",
            "torch": env["torch"], "onnxruntime": env.get("onnxruntime"), "commit": commit_label(),
            "command": command_line(args, models, batches),
-           "official": str(checkout) if checkout else None, "environment": env, "results": results}
+           "official": str(checkout) if checkout else None, "environment": env,
+           "matmul_fp32_gflops": matmul_rate, "matmul_threads": threads, "results": results}
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps(out, indent=2))

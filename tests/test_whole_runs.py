@@ -3,6 +3,7 @@ sampler's flags and plumbing (against a stand-in checkout: the real one is not i
 No timing is asserted: speed is the benchmarks' business."""
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -135,6 +136,41 @@ def test_whole_runs_time_each_variant_in_its_own_process(tiny_checkpoint, tmp_pa
     assert calls[0]["model_path"].endswith("bundled.pt")
     assert "--image_size" in calls[0]["rest"] and "--learn_sigma" in calls[0]["rest"]
     assert not any("stand-in" in note for note in res["notes"])  # the fake checkout brings a torchvision
+    # the UNet's work per run and each variant's rate: per image and call, times 2 images and 2 steps
+    assert res["unet_work_gflop"] == pytest.approx(res["unet_gflop_per_image"] * 2 * 2)
+    for v in res["variants"].values():
+        assert v["unet_gflops_per_s"] == pytest.approx(res["unet_work_gflop"] / v["wall_s"]["median"])
+    assert data["matmul_fp32_gflops"] > 0 and "GFLOP/s" in text and "matrix product runs at" in text
+
+
+def test_the_unet_flop_count_matches_one_made_layer_by_layer():
+    """Convolutions, linear layers and attention's two products, counted from the shapes each layer saw."""
+    import torch
+    from torch import nn
+    from ilvr.network import AttentionBlock, UNet
+    from ilvr.whole_runs import unet_gflop_per_image
+
+    unet = UNet(UNetConfig(image_size=16, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                           attention_levels=(1,), num_head_channels=32)).eval()
+    flops = []
+
+    def count(module, inputs, output):
+        if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+            per_output = 2 * module.in_channels // module.groups * math.prod(module.kernel_size)
+            flops.append(per_output * output.numel())
+        elif isinstance(module, nn.Linear):
+            flops.append(2 * module.in_features * output.numel())
+        elif isinstance(module, AttentionBlock):
+            b, c, *spatial = inputs[0].shape
+            tokens = math.prod(spatial)
+            flops.append(2 * 2 * b * tokens * tokens * c)  # q k^T and (attention) v, all heads together
+
+    hooks = [m.register_forward_hook(count) for m in unet.modules()]
+    with torch.inference_mode():
+        unet(torch.zeros(1, 3, 16, 16), torch.tensor([500]))
+    for h in hooks:
+        h.remove()
+    assert unet_gflop_per_image(unet) == pytest.approx(sum(flops) / 1e9, rel=1e-6)
 
 
 STAND_IN_SCRIPT = '''
