@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .device import resolve_device
+from .device import cpu_has_native_bf16, resolve_device
 from .export import STATE_FILE, config_differences, export_config, export_model, foreign_model
 from .grid import image_grid
 from .images import (IMAGE_SUFFIX_TEXT, ImageError, image_mode, is_image_name, list_files, open_image, plural,
@@ -73,20 +73,6 @@ def random_flips(x0: torch.Tensor, gen: torch.Generator, enabled: bool = True) -
     so switching flips off leaves every later random draw of a run unchanged."""
     flip = (torch.rand(x0.shape[0], generator=gen) < 0.5) & enabled
     return torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-
-
-def cpu_has_native_bf16() -> bool:
-    """True where the CPU computes bf16 natively (x86 AVX512-BF16 or AMX; Arm's bf16 extension), read from
-    the kernel's CPU flags; False where unknown, since emulated bf16 trains 10x+ slower than fp32."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = set()
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            flags.update(line.split(":", 1)[1].split())
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 class TrainingInterrupted(KeyboardInterrupt):

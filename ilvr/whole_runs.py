@@ -5,6 +5,7 @@ of ILVR samples and saves them as PNGs to a temporary folder. Variants:
 
   ours          ``python -m ilvr sample``, as users run it (the CPU backend measured per batch size)
   ours-torch    the same with ``ILVR_CPU_BACKEND=torch``
+  ours-bf16     the same with ``--dtype bf16`` (opt-in, other numbers than fp32's): where the CPU has native bf16
   official      jychoi118/ilvr_adm's ``scripts/ilvr_sample.py``, given ``--official CHECKOUT``
                 (``ilvr.official_sampler``); the yardstick when given
   plain         ``python -m ilvr.plain_run``: the plain loop (``ilvr.algorithm1``); the yardstick otherwise
@@ -43,6 +44,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from .device import cpu_has_native_bf16
 from .images import tensor_to_pil
 from .loading import load_model
 from .network import UNet, UNetConfig
@@ -212,13 +214,16 @@ def write_references(work: Path, size: int, count: int) -> tuple[Path, Path]:
 
 
 def variants_for(setup: Setup, flags: list[str], checkout: Path | None, check_plain: bool, reference: Path,
-                 references: Path, base_env: dict[str, str]) -> list[Variant]:
-    """The variants timed for `setup`, the yardstick last."""
+                 references: Path, base_env: dict[str, str], bf16: bool = False) -> list[Variant]:
+    """The variants timed for `setup`, the yardstick last; `bf16` adds ours with ``--dtype bf16``."""
     common = ["--model", setup.source, "--ref", str(reference), "--N", str(setup.n_factor), "--steps", setup.steps]
 
     def ours(out: Path) -> list[str]:
         return [sys.executable, "-m", "ilvr", "sample", *common, "--num", str(setup.batch),
                 "--batch-size", str(setup.batch), "--seed", "0", "--device", "cpu", "--out", str(out)]
+
+    def ours_bf16(out: Path) -> list[str]:
+        return [*ours(out), "--dtype", "bf16"]
 
     def plain_loop(out: Path) -> list[str]:
         return [sys.executable, "-m", "ilvr.plain_run", *common, "--batch", str(setup.batch), "--out", str(out)]
@@ -236,8 +241,9 @@ def variants_for(setup: Setup, flags: list[str], checkout: Path | None, check_pl
         if official is None:
             raise ValueError(f"--check-plain: the official sampler cannot run {setup.model} ({'; '.join(setup.notes)})")
         return [plain, official]
+    extra = [Variant("ours-bf16", ours_bf16, base_env)] if bf16 else []
     return [Variant("ours", ours, base_env), Variant("ours-torch", ours, {**base_env, "ILVR_CPU_BACKEND": "torch"}),
-            official or plain]
+            *extra, official or plain]
 
 
 def one_run(launcher: Launcher, variant: Variant, setup: Setup, work: Path, index: int) -> Child:
@@ -316,6 +322,7 @@ def command_line(args, models: list[str], batches: list[int]) -> str:
         if value:
             parts.append(f"{flag} {value}")
     parts += ["--check-plain"] if args.check_plain else []
+    parts += ["--no-bf16"] if getattr(args, "no_bf16", False) else []
     return " ".join(parts)
 
 
@@ -329,6 +336,8 @@ def add_arguments(p) -> None:
                    help="with --whole-runs: a checkout of github.com/jychoi118/ilvr_adm (commit 9b84f26), timed as "
                         "the yardstick (needs blobfile and pillow; mpi4py is stood in for, and so is torchvision's "
                         "save_image where torchvision is not installed)")
+    p.add_argument("--no-bf16", action="store_true",
+                   help="with --whole-runs: leave out the ours-bf16 row (timed only where the CPU has native bf16)")
     p.add_argument("--check-plain", action="store_true",
                    help="with --whole-runs --official: time only the plain loop against the official sampler")
 
@@ -350,6 +359,7 @@ def run(args, log: Callable[[str], None] = print) -> dict[str, Any]:
     log(format_environment(env) + " -- whole runs")
     threads = args.threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or torch.get_num_threads()
     matmul_rate = matmul_gflops(threads)
+    native_bf16 = cpu_has_native_bf16() and not args.no_bf16
     log(f"fp32 matrix product (2048 x 2048, {threads} thread(s)): {matmul_rate:.0f} GFLOP/s")
     results = []
     with tempfile.TemporaryDirectory(prefix="ilvr-whole-runs-") as tmp, Launcher() as launcher:
@@ -365,7 +375,8 @@ def run(args, log: Callable[[str], None] = print) -> dict[str, Any]:
                               n_factor=args.n_factor or scaled_factor("translation", fields["image_size"]))
                 # a fresh runtime cache per setup: its first run of ours pays the export and the measurement
                 env_of_setup = {**base_env, "ILVR_ONNX_CACHE": str(work / f"cache-{name}-b{batch}" / "onnx")}
-                variants = variants_for(setup, flags, checkout, args.check_plain, reference, references, env_of_setup)
+                variants = variants_for(setup, flags, checkout, args.check_plain, reference, references, env_of_setup,
+                                        bf16=native_bf16)
                 log(f"{name}, batch {batch}: " + ", ".join(v.name for v in variants) + " ...")
                 results.append(time_setup(launcher, setup, variants, args.repeats, work, log))
     log("")

@@ -293,14 +293,14 @@ def test_loss_weightings_follow_their_papers():
 
 
 def test_native_bf16_is_read_from_the_cpu_flags(monkeypatch, tmp_path):
-    from ilvr import train as train_module
+    from ilvr import device as device_module
 
     def with_cpuinfo(text):
         fake = tmp_path / "cpuinfo"
         fake.write_text(text)
-        real_path = train_module.Path
-        monkeypatch.setattr(train_module, "Path", lambda p: real_path(fake) if p == "/proc/cpuinfo" else real_path(p))
-        return train_module.cpu_has_native_bf16()
+        real_path = device_module.Path
+        monkeypatch.setattr(device_module, "Path", lambda p: real_path(fake) if p == "/proc/cpuinfo" else real_path(p))
+        return device_module.cpu_has_native_bf16()
 
     assert with_cpuinfo("processor : 0\nflags : fpu avx2 avx512f avx512_bf16 avx512_vnni\n")
     assert with_cpuinfo("flags : fpu avx2 amx_bf16 amx_tile\n")

@@ -63,6 +63,9 @@ def test_check_plain_times_the_plain_loop_against_the_official_sampler(tmp_path)
     assert names(tmp_path, False) == ["ours", "ours-torch", "official"]
     assert names(None, False) == ["ours", "ours-torch", "plain"]
     assert names(tmp_path, True) == ["plain", "official"]
+    with_bf16 = variants_for(setup, ["--x", "1"], tmp_path, False, ref, refs, {}, bf16=True)
+    assert [v.name for v in with_bf16] == ["ours", "ours-torch", "ours-bf16", "official"]
+    assert with_bf16[2].command(tmp_path / "o")[-2:] == ["--dtype", "bf16"] and "--dtype" not in with_bf16[0].command(tmp_path)
     (plain, official) = variants_for(setup, ["--x", "1"], tmp_path, True, ref, refs, {"PYTHONPATH": "/elsewhere"})
     assert plain.env["ILVR_KEEP_FREED_HEAP"] == "0"  # as the official code, which leaves glibc's heap alone
     assert official.env["PYTHONPATH"].split(":") == [str(SHIM_DIR), str(tmp_path), "/elsewhere"]
@@ -115,7 +118,8 @@ def test_whole_runs_time_each_variant_in_its_own_process(tiny_checkpoint, tmp_pa
     monkeypatch.setenv("FAKE_OFFICIAL_LOG", str(tmp_path / "official.jsonl"))
     out_json = tmp_path / "whole.json"
     rc = main(["bench", "--whole-runs", "--models", "bundled", "--model", str(tiny_checkpoint), "--batch", "2",
-               "--repeats", "1", "--steps", "2", "--N", "4", "--official", str(checkout), "--json", str(out_json)])
+               "--repeats", "1", "--steps", "2", "--N", "4", "--official", str(checkout), "--json", str(out_json),
+               "--no-bf16"])  # the bf16 row exists only on some CPUs
     assert rc == 0
     text = capsys.readouterr().out
     for needle in ("first s", "median s", "peak MiB", "vs official", "ours-torch"):
@@ -123,6 +127,7 @@ def test_whole_runs_time_each_variant_in_its_own_process(tiny_checkpoint, tmp_pa
     data = json.loads(out_json.read_text())
     assert data["kind"] == "whole runs" and data["torch"] and data["machine"]
     assert "--whole-runs --models bundled --batch 2 --repeats 1 --steps 2 --N 4 --official" in data["command"]
+    assert data["command"].endswith("--no-bf16")
     (res,) = data["results"]
     assert (res["batch"], res["steps"], res["N"], res["yardstick"]) == (2, "2", 4, "official")
     assert list(res["variants"]) == ["ours", "ours-torch", "official"]

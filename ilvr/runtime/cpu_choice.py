@@ -6,7 +6,7 @@ PyTorch took 0.84x the time of onnxruntime's, and its lead shrinks as the batch 
 a second copy of the weights and costs an export. A fixed default is wrong somewhere.
 
 Rule: the first run at a batch size (per architecture, thread count, CPU and library versions)
-times UNet calls of both backends on random inputs, alternating, after a warm-up call each, and keeps
+times UNet calls of both backends on random inputs, alternating, after warm-up calls, and keeps
 onnxruntime only when its best call took at most (1 - MARGIN) of PyTorch's best: it never picks a
 backend slower than PyTorch by its own measurement, and a near tie goes to PyTorch (one copy of the
 weights, no export). The verdict and its timings are written beside the ONNX cache
@@ -31,7 +31,8 @@ from .onnx_cache import read_json, runtime_cache_dir, versions, write_json_atomi
 from .onnx_cpu import OnnxUNet, cpu_backend, is_channels_last, onnx_unet_or_warn
 
 MARGIN = 0.05  # onnxruntime must be at least this much faster to be used
-TIMED_CALLS = 2  # per backend, after one warm-up call each
+TIMED_CALLS = 3  # per backend, after WARMUP_CALLS each
+WARMUP_CALLS = 2  # PyTorch's second call at a new batch size is still slow (oneDNN sets up its kernels)
 
 Timings = dict[str, float]  # backend -> seconds of its best UNet call
 
@@ -41,9 +42,11 @@ def pick_backend(seconds: Timings, margin: float = MARGIN) -> str:
     return "onnxruntime" if seconds["onnxruntime"] <= (1 - margin) * seconds["torch"] else "torch"
 
 
-def time_unet_calls(unet: UNet, onnx: OnnxUNet, batch: int, calls: int = TIMED_CALLS) -> Timings:
-    """Best wall time of `calls` UNet calls per backend at `batch`, alternating the two after a
-    warm-up call each (first calls at a new shape set up kernels and memory)."""
+def time_unet_calls(unet: UNet, onnx: OnnxUNet, batch: int, calls: int = TIMED_CALLS, rounds: int = 2) -> Timings:
+    """Best wall time of a UNet call per backend at `batch`: WARMUP_CALLS each first (first calls at a new
+    shape set up kernels and memory), then `rounds` blocks of `calls` calls per backend, the backends
+    taking turns by block, not by call: onnxruntime's threads keep spinning for a while after a call and
+    would slow a PyTorch call made right after it."""
     config = unet.config
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(batch, config.in_channels, config.image_size, config.image_size, generator=generator)
@@ -52,12 +55,14 @@ def time_unet_calls(unet: UNet, onnx: OnnxUNet, batch: int, calls: int = TIMED_C
     best = {name: float("inf") for name in runners}
     with torch.inference_mode():
         for run in runners.values():
-            run()
-        for _ in range(calls):
-            for name, run in runners.items():
-                start = time.perf_counter()
+            for _ in range(WARMUP_CALLS):
                 run()
-                best[name] = min(best[name], time.perf_counter() - start)
+        for _ in range(rounds):
+            for name, run in runners.items():
+                for _ in range(calls):
+                    start = time.perf_counter()
+                    run()
+                    best[name] = min(best[name], time.perf_counter() - start)
     return best
 
 
