@@ -182,6 +182,27 @@ def test_onnxruntime_is_used_only_where_it_measured_clearly_faster(ort, torch_s,
     assert seconds[chosen] <= seconds["torch"]  # never slower than plain PyTorch by its own measurement
 
 
+def test_the_two_backends_are_timed_in_turns_by_block_after_their_warm_up_calls(monkeypatch):
+    """A PyTorch call timed right after an onnxruntime call shares the cores with its spinning threads."""
+    calls = []
+
+    class Recorder:
+        def __init__(self, name, config=None):
+            self.name, self.config = name, config
+
+        def __call__(self, x, t):
+            calls.append(self.name)
+            return x
+
+    ticks = iter(range(1000))
+    monkeypatch.setattr(cpu_choice.time, "perf_counter", lambda: next(ticks))
+    seconds = cpu_choice.time_unet_calls(Recorder("torch", TINY), Recorder("onnxruntime"), batch=1, calls=3, rounds=2)
+    warm, timed = calls[:4], calls[4:]
+    assert warm == ["onnxruntime"] * 2 + ["torch"] * 2
+    assert timed == (["onnxruntime"] * 3 + ["torch"] * 3) * 2
+    assert seconds == {"onnxruntime": 1, "torch": 1}  # each call took one tick: the best of a backend's calls
+
+
 @pytest.mark.parametrize("faster", ["onnxruntime", "torch"])
 def test_a_run_uses_the_backend_that_measured_faster(tmp_path, timings, faster):
     timings.seconds = {"onnxruntime": 1.0, "torch": 3.0}
