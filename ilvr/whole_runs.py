@@ -36,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -156,7 +157,6 @@ def unet_gflop_per_image(unet: UNet) -> float:
 
 def matmul_gflops(threads: int, n: int = 2048, calls: int = 5) -> float:
     """This machine's fp32 matrix-product rate on `threads` threads (best of `calls`): the ceiling to compare with."""
-    import time
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -6,7 +6,7 @@ PyTorch took 0.84x the time of onnxruntime's, and its lead shrinks as the batch 
 a second copy of the weights and costs an export. A fixed default is wrong somewhere.
 
 Rule: the first run at a batch size (per architecture, thread count, CPU and library versions)
-times UNet calls of both backends on random inputs, alternating, after warm-up calls, and keeps
+times UNet calls of both backends on random inputs, in turns by block after warm-up calls, and keeps
 onnxruntime only when its best call took at most (1 - MARGIN) of PyTorch's best: it never picks a
 backend slower than PyTorch by its own measurement, and a near tie goes to PyTorch (one copy of the
 weights, no export). The verdict and its timings are written beside the ONNX cache
@@ -32,7 +32,7 @@ from .onnx_cpu import OnnxUNet, cpu_backend, is_channels_last, onnx_unet_or_warn
 
 MARGIN = 0.05  # onnxruntime must be at least this much faster to be used
 TIMED_CALLS = 3  # per backend, after WARMUP_CALLS each
-WARMUP_CALLS = 2  # PyTorch's second call at a new batch size is still slow (oneDNN sets up its kernels)
+WARMUP_CALLS = 2  # per backend: the first calls at a new batch size set up kernels and memory
 
 Timings = dict[str, float]  # backend -> seconds of its best UNet call
 
