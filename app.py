@@ -74,15 +74,15 @@ import gradio as gr  # noqa: E402
 import torch  # noqa: E402
 
 from ilvr.loading import ModelLoadError  # noqa: E402
-from ilvr.registry import BY_NAME, DEFAULT_MODEL, MODELS, generation_factors  # noqa: E402
+from ilvr.registry import BY_NAME, DEFAULT_MODEL, generation_factors  # noqa: E402
 from ilvr.sampler import Cancelled  # noqa: E402
 from studio.inputs import reference_image  # noqa: E402
 from studio.jobs import ActiveRuns, StopFlags, job_warnings, run_job  # noqa: E402
 from studio.models import ModelCache, model_source, shown_error  # noqa: E402
 from studio.outputs import OUTPUTS_ENV, foreign_entries, resolve_output_root, save_result  # noqa: E402
 from studio.status import model_markdown, progress_markdown, run_header, slow_run_warning  # noqa: E402
-from studio.tasks import (TRANSLATION_METHODS, ddib_job, factor_choices, generation_job, paint_job, presets,  # noqa
-                          scribble_job, translation_job)
+from studio.tasks import (TRANSLATION_METHODS, ddib_job, ddib_source_for, example_set, factor_choices,  # noqa
+                          generation_job, paint_job, presets, scribble_job, translation_job)
 from studio.components import (Refused, endpoint, install_pixel_limit, one_run_per_session, refused,  # noqa: E402
                                user_error)
 from studio.ui import CSS, EXAMPLES, FOOTER, INTRO, MAX_UPLOAD, TABS, ModelPicker, Tab, build_tab, debounce_js, model_picker  # noqa
@@ -163,15 +163,12 @@ def load_model(choice: str, path: str):
         raise user_error(message, "Model not loaded")
     size = model.image_size
     p, choices = presets(size, source), factor_choices(size)
-    entry = BY_NAME.get(source)
-    example_set = entry.examples if entry is not None else "emoji"
-    same_size = [m.name for m in MODELS if m.image_size == size and m.name != source]
-    ddib_source = entry.ddib_source if entry is not None and entry.ddib_source else (same_size or [None])[0]
+    examples, ddib_source = example_set(source), ddib_source_for(source, size)
     yield (model_markdown(model, p),
            gr.update(value=", ".join(str(n) for n in generation_factors(size))),
            *(gr.update(choices=choices, value=p[spec.name]) for spec in TABS),  # the n_input of each tab
            gr.update(value=ddib_source) if ddib_source else gr.skip(),
-           *(gr.update(visible=name == example_set) for spec in TABS for name in spec.examples))
+           *(gr.update(visible=name == examples) for spec in TABS for name in spec.examples))
 
 
 def path_cleared(choice: str, path: str):
@@ -355,7 +352,7 @@ def build_demo() -> gr.Blocks:
         gr.Markdown(INTRO)
         picker = model_picker(ALLOW_MODEL_PATHS)
         with gr.Tabs():
-            tabs = [build_tab(spec, p, choices, DEFAULT_SIZE, BY_NAME[DEFAULT_MODEL].examples) for spec in TABS]
+            tabs = [build_tab(spec, p, choices, DEFAULT_SIZE, example_set(DEFAULT_MODEL)) for spec in TABS]
         gr.Markdown(FOOTER)
         wire_model_picker(demo, picker, tabs)
         for tab in tabs:

@@ -14,7 +14,7 @@ from ilvr.ddib import check_pair
 from ilvr.images import ImageError, load_reference, tensor_to_pil
 from ilvr.filters import valid_factors
 from ilvr.model import DiffusionModel
-from ilvr.registry import BY_NAME, task_presets
+from ilvr.registry import BY_NAME, MODELS, ModelEntry, task_presets
 from ilvr.sampler import check_unconditional
 
 from .inputs import MAX_ROWS, mask_overlay, reference_image, run_settings, scribble_mask, scribble_reference, \
@@ -29,6 +29,21 @@ TRANSLATION_METHODS = ("ILVR", "DDIB")
 def presets(image_size: int, name: str | None = None) -> dict[str, int]:
     """Each tab's starting N for a model of this size (and registry name, which may set its own)."""
     return task_presets(image_size, BY_NAME.get(name or ""))
+
+
+def example_set(name: str) -> str:
+    """The example rows the app shows for a model: its registry entry's set, else the default set."""
+    entry = BY_NAME.get(name)
+    return entry.examples if entry is not None else ModelEntry.examples
+
+
+def ddib_source_for(name: str, image_size: int) -> str | None:
+    """The DDIB source model offered for a model: its registry entry's, else the first other registry
+    model of its size (None: there is none)."""
+    entry = BY_NAME.get(name)
+    if entry is not None and entry.ddib_source:
+        return entry.ddib_source
+    return next((m.name for m in MODELS if m.image_size == image_size and m.name != name), None)
 
 
 def factor_choices(image_size: int) -> list[int]:

@@ -202,3 +202,13 @@ def test_ddib_job_refuses_a_source_of_another_size(tiny_model, tmp_path):
     other = load_model(str(tmp_path / "m16"), device="cpu")
     with pytest.raises(ValueError, match="pick a source model of 32 px"):
         T.ddib_job(tiny_model, other, Image.new("RGB", (8, 8)), 1, "4", "cubic", "ddpm", 0)
+
+
+def test_a_loaded_model_brings_its_example_set_and_ddib_source():
+    from studio.tasks import ddib_source_for, example_set
+
+    assert example_set("digits-sevens32") == "digits" and example_set("emoji-faces-animals64") == "emoji"
+    assert example_set("/my/own/model.pt") == "emoji"  # not in the registry: the default set
+    assert ddib_source_for("digits-sevens32", 32) == "digits-all32"  # named by its entry
+    assert ddib_source_for("digits-all32", 32) == "digits-sevens32"  # else the first other model of its size
+    assert ddib_source_for("/my/own/model.pt", 48) is None
