@@ -65,8 +65,10 @@ def on_white(rgba: Image.Image) -> Image.Image:
     return Image.alpha_composite(white, rgba).convert("RGB")
 
 
-def extract(tarball: Path, style: str, out: Path, only: set[str] | None = None) -> int:
-    out.mkdir(parents=True, exist_ok=True)
+def extract(tarball: Path, style: str, outs: list[Path], only: set[str] | None = None) -> int:
+    """Unpack the style's 64 px PNGs (those named in `only`, if given) onto white, into every folder of `outs`."""
+    for out in outs:
+        out.mkdir(parents=True, exist_ok=True)
     prefix = f"package/img/{style}/64/"
     count = 0
     with tarfile.open(tarball) as tar:
@@ -77,7 +79,9 @@ def extract(tarball: Path, style: str, out: Path, only: set[str] | None = None) 
             if only is not None and name not in only:
                 continue
             with tar.extractfile(member) as f:
-                on_white(Image.open(f).convert("RGBA")).save(out / name)
+                image = on_white(Image.open(f).convert("RGBA"))
+            for out in outs:
+                image.save(out / name)
             count += 1
     return count
 
@@ -125,14 +129,16 @@ def main() -> None:
             continue
         tarball = fetch_tarball(package, Path(args.cache))
         if args.only in (None, name):
-            print(f"{name}: {extract(tarball, style, out / name)} images in {out / name}")
-        if name == "noto" and args.only in (None, "noto-faces-animals"):
-            chosen = domain_images(tarball, style, FACES_ANIMALS)
-            n = extract(tarball, style, out / "noto-faces-animals", chosen)
-            print(f"noto-faces-animals: {n} images in {out / 'noto-faces-animals'}")
-        if name == "noto" and args.only in (None, "emoji-faces-animals"):
-            mixed = out / "emoji-faces-animals"
-            n = extract(tarball, style, mixed / "noto", domain_images(tarball, style, FACES_ANIMALS))
+            print(f"{name}: {extract(tarball, style, [out / name])} images in {out / name}")
+        if name != "noto":
+            continue
+        mixed = out / "emoji-faces-animals"
+        domain_outs = ([out / "noto-faces-animals"] if args.only in (None, "noto-faces-animals") else []) + \
+                      ([mixed / "noto"] if args.only in (None, "emoji-faces-animals") else [])
+        if domain_outs:  # one pass over the tarball fills both folders that hold the Noto domain
+            n = extract(tarball, style, domain_outs, domain_images(tarball, style, FACES_ANIMALS))
+            print(f"Noto faces and animals: {n} images in " + ", ".join(str(d) for d in domain_outs))
+        if mixed / "noto" in domain_outs:
             fluent = fetch_tarball(FLUENT_PACKAGE, Path(args.cache), FLUENT_VERSION)
             m = extract_fluent(fluent, emoji_entries(tarball), FLUENT_PART, mixed / "fluent")
             print(f"emoji-faces-animals: {n} Noto and {m} Fluent Flat images in {mixed}")
