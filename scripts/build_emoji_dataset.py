@@ -46,9 +46,9 @@ def fetch_tarball(package: str, cache: Path, version: str = VERSION) -> Path:
     return tarball
 
 
-def domain_images(tarball: Path, style: str, domain: set[tuple[str, str | None]]) -> set[str]:
+def domain_images(entries: list[dict], style: str, domain: set[tuple[str, str | None]]) -> set[str]:
     """PNG names of the emoji in the domain, default skin tone only, from the package's emoji.json."""
-    return {e["image"] for e in emoji_entries(tarball) if e.get(f"has_img_{style}") and in_domain(e, domain)}
+    return {e["image"] for e in entries if e.get(f"has_img_{style}") and in_domain(e, domain)}
 
 
 def emoji_entries(tarball: Path) -> list[dict]:
@@ -65,25 +65,27 @@ def on_white(rgba: Image.Image) -> Image.Image:
     return Image.alpha_composite(white, rgba).convert("RGB")
 
 
-def extract(tarball: Path, style: str, outs: list[Path], only: set[str] | None = None) -> int:
-    """Unpack the style's 64 px PNGs (those named in `only`, if given) onto white, into every folder of `outs`."""
-    for out in outs:
+def extract(tarball: Path, style: str, targets: dict[Path, set[str] | None]) -> dict[Path, int]:
+    """Unpack the style's 64 px PNGs onto white in one pass over the tarball: each target folder gets
+    the images its set names (every image for None). Returns the count written to each folder."""
+    for out in targets:
         out.mkdir(parents=True, exist_ok=True)
     prefix = f"package/img/{style}/64/"
-    count = 0
+    counts = dict.fromkeys(targets, 0)
     with tarfile.open(tarball) as tar:
         for member in tar:
             if not (member.isfile() and member.name.startswith(prefix) and member.name.endswith(".png")):
                 continue
             name = Path(member.name).name
-            if only is not None and name not in only:
+            outs = [out for out, only in targets.items() if only is None or name in only]
+            if not outs:
                 continue
             with tar.extractfile(member) as f:
                 image = on_white(Image.open(f).convert("RGBA"))
             for out in outs:
                 image.save(out / name)
-            count += 1
-    return count
+                counts[out] += 1
+    return counts
 
 
 def extract_fluent(tarball: Path, entries: list[dict], domain: set[tuple[str, str | None]], out: Path,
@@ -128,20 +130,21 @@ def main() -> None:
         if args.only not in (None, name) and not (name == "noto" and args.only.endswith("faces-animals")):
             continue
         tarball = fetch_tarball(package, Path(args.cache))
-        if args.only in (None, name):
-            print(f"{name}: {extract(tarball, style, [out / name])} images in {out / name}")
-        if name != "noto":
-            continue
+        targets: dict[Path, set[str] | None] = {out / name: None} if args.only in (None, name) else {}
         mixed = out / "emoji-faces-animals"
-        domain_outs = ([out / "noto-faces-animals"] if args.only in (None, "noto-faces-animals") else []) + \
-                      ([mixed / "noto"] if args.only in (None, "emoji-faces-animals") else [])
-        if domain_outs:  # one pass over the tarball fills both folders that hold the Noto domain
-            n = extract(tarball, style, domain_outs, domain_images(tarball, style, FACES_ANIMALS))
-            print(f"Noto faces and animals: {n} images in " + ", ".join(str(d) for d in domain_outs))
-        if mixed / "noto" in domain_outs:
+        if name == "noto":
+            entries = emoji_entries(tarball)
+            domain = domain_images(entries, style, FACES_ANIMALS)
+            if args.only in (None, "noto-faces-animals"):
+                targets[out / "noto-faces-animals"] = domain
+            if args.only in (None, "emoji-faces-animals"):
+                targets[mixed / "noto"] = domain
+        for folder, count in extract(tarball, style, targets).items():
+            print(f"{count} images in {folder}")
+        if mixed / "noto" in targets:
             fluent = fetch_tarball(FLUENT_PACKAGE, Path(args.cache), FLUENT_VERSION)
-            m = extract_fluent(fluent, emoji_entries(tarball), FLUENT_PART, mixed / "fluent")
-            print(f"emoji-faces-animals: {n} Noto and {m} Fluent Flat images in {mixed}")
+            count = extract_fluent(fluent, entries, FLUENT_PART, mixed / "fluent")
+            print(f"{count} Fluent Flat images in {mixed / 'fluent'}")
 
 
 if __name__ == "__main__":
