@@ -135,9 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--grayscale", action="store_true", help="train a 1-channel model on the images' luma (MNIST-like data)")
     t.add_argument("--batch-size", type=_positive_int, default=16)
     t.add_argument("--lr", type=_positive_float, default=1e-3)
-    t.add_argument("--steps", type=_positive_int, default=100_000, help="stop after this many optimizer steps")
+    t.add_argument("--steps", type=_positive_int, default=None,
+                   help="stop after this many optimizer steps in all (default 100000)")
     t.add_argument("--minutes", type=_positive_float, default=None,
                    help="stop after this much training time in all (resumed runs count their earlier time)")
+    t.add_argument("--cooldown-steps", type=_positive_int, default=None,
+                   help="let the learning rate fall linearly to zero over the last this many of --steps")
+    t.add_argument("--cooldown-minutes", type=_positive_float, default=None,
+                   help="let the learning rate fall linearly to zero over the last this many of --minutes")
     t.add_argument("--save-every-minutes", type=_positive_float, default=5.0)
     t.add_argument("--sample-every", type=_non_negative_int, default=500, help="write a sample grid every N steps (0 = never)")
     t.add_argument("--device", default="auto")

@@ -299,11 +299,17 @@ def cmd_train(args) -> int:
         raise ValueError(f"--channels {args.channels} with --channel-mult {args.channel_mult} gives channel counts "
                          f"{widths}; they must be multiples of {groups} (GroupNorm's {groups} groups): use --channels "
                          f"{groups}, {2 * groups}, ...")
+    for cooldown, limit, limit_flag in ((args.cooldown_steps, args.steps, "--steps"),
+                                        (args.cooldown_minutes, args.minutes, "--minutes")):
+        if cooldown and limit is None:
+            raise ValueError(f"--cooldown-{limit_flag[2:]} needs {limit_flag}: the learning rate reaches zero when "
+                             f"{limit_flag} is reached")
     cfg = TrainConfig(data=args.data, out=args.out, image_size=args.image_size, model_channels=args.channels,
                       channel_mult=mult, num_res_blocks=args.res_blocks,
                       attention_levels=ints(args.attention_levels, "--attention-levels"),
                       channels=1 if args.grayscale else 3, batch_size=args.batch_size,
-                      lr=args.lr, max_steps=args.steps, max_minutes=args.minutes,
+                      lr=args.lr, max_steps=args.steps or TrainConfig.max_steps, max_minutes=args.minutes,
+                      cooldown_steps=args.cooldown_steps or 0, cooldown_minutes=args.cooldown_minutes or 0.0,
                       save_every_minutes=args.save_every_minutes, sample_every=args.sample_every, device=args.device,
                       cpu_bf16=args.cpu_bf16, loss_weighting=args.loss_weighting, hflip=args.hflip,
                       seed=args.seed)

@@ -57,6 +57,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     max_steps: int = 100_000
     max_minutes: float | None = None
+    cooldown_steps: int = 0  # lr falls linearly to zero over the last this many steps before max_steps
+    cooldown_minutes: float = 0.0  # ... or over the last this many minutes before max_minutes
     save_every_minutes: float = 5.0
     sample_every: int = 500
     seed: int = 0
@@ -111,6 +113,18 @@ def load_dataset(folder: str | os.PathLike, size: int, channels: int = 3,
         print(f"skipped {len(skipped)} file(s) that could not be used: " + "; ".join(shown)
               + (f"; ... and {len(skipped) - len(shown)} more" if len(skipped) > len(shown) else ""))
     return torch.stack(tensors)
+
+
+def learning_rate(cfg: TrainConfig, step: int, elapsed_s: float) -> float:
+    """The learning rate of optimizer step ``step`` (0-based), ``elapsed_s`` seconds into the run (earlier
+    sessions included): linear warm-up, constant, and with a cooldown a linear fall to zero at the run's end,
+    the warmup-stable-decay schedule, so a run of unknown length can be continued and cooled down at will."""
+    lr = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+    if cfg.cooldown_steps:
+        lr *= min(1.0, max(0.0, (cfg.max_steps - step) / cfg.cooldown_steps))
+    if cfg.cooldown_minutes and cfg.max_minutes:
+        lr *= min(1.0, max(0.0, (cfg.max_minutes * 60 - elapsed_s) / (cfg.cooldown_minutes * 60)))
+    return lr
 
 
 def continue_from_export(out: Path, unet_cfg: UNetConfig, model: UNet, ema: UNet, log,
@@ -304,7 +318,13 @@ def _train(cfg: TrainConfig, out: Path, unet_cfg: UNetConfig, diffusion: Diffusi
         log(f"loss weighting {cfg.loss_weighting}")
     if not cfg.hflip:
         log("random horizontal flips off")
+    if cfg.cooldown_steps or cfg.cooldown_minutes:
+        log("cooldown: the learning rate falls linearly to zero over the last " + " or ".join(
+            what for what in (plural(cfg.cooldown_steps, "step") if cfg.cooldown_steps else "",
+                              f"{cfg.cooldown_minutes:g} min" if cfg.cooldown_minutes else "") if what))
 
+    cooldown = {key: value for key, value in (("cooldown_steps", cfg.cooldown_steps),
+                                              ("cooldown_minutes", cfg.cooldown_minutes)) if value}
     saved_step = step  # what is on disk already (nothing, at step 0)
 
     def save_state() -> None:
@@ -319,7 +339,7 @@ def _train(cfg: TrainConfig, out: Path, unet_cfg: UNetConfig, diffusion: Diffusi
         export_model(ema, diffusion, out, {"steps": step, "batch_size": cfg.batch_size, "images": len(data),
                                            "loss_weighting": cfg.loss_weighting, "hflip": cfg.hflip,
                                            "minutes": round((elapsed_before + time.time() - start) / 60, 1),
-                                           "device": str(device)})
+                                           "device": str(device), **cooldown})
         saved_step = step
 
     start = last_save = time.time()
@@ -344,7 +364,7 @@ def _train(cfg: TrainConfig, out: Path, unet_cfg: UNetConfig, diffusion: Diffusi
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             with _interrupt_after():
                 for group in opt.param_groups:
-                    group["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+                    group["lr"] = learning_rate(cfg, step, elapsed_before + time.time() - start)
                 opt.step()
                 with torch.no_grad():
                     decay = min(cfg.ema_decay, (1 + step) / (10 + step))  # warm-up so early EMA is not all noise

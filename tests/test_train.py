@@ -71,7 +71,7 @@ def test_unusable_architectures_are_refused_before_training(tmp_path, capsys, fl
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flag", ["--minutes", "--save-every-minutes", "--lr"])
+@pytest.mark.parametrize("flag", ["--minutes", "--save-every-minutes", "--lr", "--cooldown-minutes"])
 def test_times_and_rates_must_be_above_zero(tmp_path, capsys, flag):
     for value in ("0", "-1", "nan"):
         with pytest.raises(SystemExit):
@@ -331,3 +331,37 @@ def test_flips_can_be_switched_off_without_changing_later_draws():
     assert mirrored.any() and not mirrored.all()  # about half of the batch
     assert torch.equal(random_flips(x, off, False), x)
     assert torch.equal(torch.rand(3, generator=on), torch.rand(3, generator=off))  # the same stream afterwards
+
+
+def test_learning_rate_warms_up_holds_and_cools_down_to_zero_at_the_end():
+    from ilvr.train import TrainConfig, learning_rate
+    cfg = TrainConfig(data="d", out="o", lr=1e-3, warmup_steps=10, max_steps=1000)
+    assert learning_rate(cfg, 0, 0.0) == pytest.approx(1e-4)
+    assert learning_rate(cfg, 9, 0.0) == learning_rate(cfg, 999, 1e6) == pytest.approx(1e-3)  # no cooldown asked
+    by_steps = TrainConfig(data="d", out="o", lr=1e-3, warmup_steps=10, max_steps=1000, cooldown_steps=100)
+    assert learning_rate(by_steps, 899, 0.0) == pytest.approx(1e-3)
+    assert learning_rate(by_steps, 950, 0.0) == pytest.approx(0.5e-3)
+    assert learning_rate(by_steps, 999, 0.0) == pytest.approx(1e-5)  # the last update; the next would be at zero
+    by_time = TrainConfig(data="d", out="o", lr=1e-3, warmup_steps=10, max_minutes=100, cooldown_minutes=20)
+    assert learning_rate(by_time, 500, 79 * 60) == pytest.approx(1e-3)
+    assert learning_rate(by_time, 500, 90 * 60) == pytest.approx(0.5e-3)
+    assert learning_rate(by_time, 500, 101 * 60) == 0.0
+
+
+def test_cooldown_sets_the_optimizer_and_is_recorded(tmp_path, capsys):
+    data = noise_images(tmp_path / "data", [(16, 16)] * 4)
+    out = tmp_path / "m"
+    assert main(tiny_args(data, out, 3, "--cooldown-steps", "3", "--lr", "0.002")) == 0
+    assert "the learning rate falls linearly to zero over the last 3 steps" in capsys.readouterr().out
+    state = torch.load(out / "train_state.ckpt.pt", weights_only=True)
+    assert state["opt"]["param_groups"][0]["lr"] == pytest.approx(0.002 * 3 / 200 * 1 / 3)  # warm-up x cooldown
+    assert json.loads((out / "config.json").read_text())["training"]["cooldown_steps"] == 3
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--cooldown-minutes", "5"], "--cooldown-minutes needs --minutes"),
+    (["--cooldown-steps", "50"], "--cooldown-steps needs --steps"),
+])
+def test_a_cooldown_needs_the_end_it_counts_back_from(tmp_path, capsys, flags, message):
+    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "m"), *flags]) == 2
+    assert message in capsys.readouterr().err
