@@ -318,13 +318,13 @@ def _train(cfg: TrainConfig, out: Path, unet_cfg: UNetConfig, diffusion: Diffusi
         log(f"loss weighting {cfg.loss_weighting}")
     if not cfg.hflip:
         log("random horizontal flips off")
-    if cfg.cooldown_steps or cfg.cooldown_minutes:
-        log("cooldown: the learning rate falls linearly to zero over the last " + " or ".join(
-            what for what in (plural(cfg.cooldown_steps, "step") if cfg.cooldown_steps else "",
-                              f"{cfg.cooldown_minutes:g} min" if cfg.cooldown_minutes else "") if what))
-
     cooldown = {key: value for key, value in (("cooldown_steps", cfg.cooldown_steps),
                                               ("cooldown_minutes", cfg.cooldown_minutes)) if value}
+    if cooldown:
+        spans = ([plural(cfg.cooldown_steps, "step")] if cfg.cooldown_steps else []) + (
+            [f"{cfg.cooldown_minutes:g} min"] if cfg.cooldown_minutes else [])
+        log(f"cooldown: the learning rate falls linearly to zero over the last {' or '.join(spans)}")
+
     saved_step = step  # what is on disk already (nothing, at step 0)
 
     def save_state() -> None:
