@@ -35,8 +35,8 @@ INTRO = (
     "large N keeps only its rough layout and colours, and the model invents the rest.")
 FOOTER = ("Runs on a CUDA GPU when available (float16), else on Apple's MPS or the CPU (float32). "
           "One run at a time on CPU; further runs wait in the queue. "
-          "Bundled emoji models and examples: Noto Emoji (Apache-2.0); Twemoji examples CC-BY-4.0, "
-          "Twitter, Inc. and other contributors; digit models and examples: rendered from free fonts "
+          "Bundled emoji models and examples: Noto Emoji (Apache-2.0), Microsoft Fluent Emoji (MIT); "
+          "Twemoji examples CC-BY-4.0, Twitter, Inc. and other contributors; digit models and examples: rendered from free fonts "
           "(see examples/README.md and each model's card).")
 
 
