@@ -299,11 +299,12 @@ def cmd_train(args) -> int:
         raise ValueError(f"--channels {args.channels} with --channel-mult {args.channel_mult} gives channel counts "
                          f"{widths}; they must be multiples of {groups} (GroupNorm's {groups} groups): use --channels "
                          f"{groups}, {2 * groups}, ...")
-    for cooldown, limit, limit_flag in ((args.cooldown_steps, args.steps, "--steps"),
-                                        (args.cooldown_minutes, args.minutes, "--minutes")):
+    for cooldown_flag, cooldown, limit_flag, limit in (("--cooldown-steps", args.cooldown_steps, "--steps", args.steps),
+                                                       ("--cooldown-minutes", args.cooldown_minutes, "--minutes",
+                                                        args.minutes)):
         if cooldown and limit is None:
-            raise ValueError(f"--cooldown-{limit_flag[2:]} needs {limit_flag}: the learning rate reaches zero when "
-                             f"{limit_flag} is reached")
+            raise ValueError(f"{cooldown_flag} needs {limit_flag}: the learning rate reaches zero when {limit_flag} "
+                             "is reached")
     cfg = TrainConfig(data=args.data, out=args.out, image_size=args.image_size, model_channels=args.channels,
                       channel_mult=mult, num_res_blocks=args.res_blocks,
                       attention_levels=ints(args.attention_levels, "--attention-levels"),

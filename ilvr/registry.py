@@ -64,7 +64,8 @@ class ModelEntry:
 
 
 MODELS: list[ModelEntry] = [
-    # ours, offline: Noto and Fluent Flat emoji faces, animals, plants, fruit and vegetables (checkpoints/emoji-faces-animals64)
+    # ours, offline: Noto and Fluent Flat emoji of faces, animals, plants, fruit and vegetables
+    # (checkpoints/emoji-faces-animals64)
     ModelEntry("emoji-faces-animals64", "emoji-faces-animals64", 64, bundled=True, ddib_source="emoji64"),
     # ours, the earlier model on all 3,786 Noto emoji: kept so images made with it can be remade
     ModelEntry("emoji64", "emoji64", 64, bundled=True),

@@ -36,8 +36,8 @@ INTRO = (
 FOOTER = ("Runs on a CUDA GPU when available (float16), else on Apple's MPS or the CPU (float32). "
           "One run at a time on CPU; further runs wait in the queue. "
           "Bundled emoji models and examples: Noto Emoji (Apache-2.0), Microsoft Fluent Emoji (MIT); "
-          "Twemoji examples CC-BY-4.0, Twitter, Inc. and other contributors; digit models and examples: rendered from free fonts "
-          "(see examples/README.md and each model's card).")
+          "Twemoji examples CC-BY-4.0, Twitter, Inc. and other contributors; digit models and examples: "
+          "rendered from free fonts (see examples/README.md and each model's card).")
 
 
 # ----------------------------------------------------------------------------- building blocks of a tab
