@@ -15,6 +15,8 @@ one domain (faces, animals, plants, fruit and vegetables; default skin tone only
 skin-tone variants apart), chosen from the package's emoji.json by category. data/noto/ is every Noto
 image (the older emoji64 model's training set). data/emoji-faces-animals/ is the larger candidate's set:
 noto/ (the same Noto images) and fluent/ (the Fluent Flat emoji of the Animals & Nature category).
+--fluent-whole-domain writes data/emoji-faces-animals-full/ instead, whose fluent/ covers the whole domain
+(a larger variant; the model card says how it compared).
 """
 from __future__ import annotations
 
@@ -124,6 +126,9 @@ def main() -> None:
                         help="where the npm tarballs are kept")
     parser.add_argument("--only", choices=sorted(PACKAGES) + ["noto-faces-animals", "emoji-faces-animals"],
                         help="build one folder only")
+    parser.add_argument("--fluent-whole-domain", action="store_true",
+                        help="Fluent Flat images of every FACES_ANIMALS category, not Animals & Nature only; "
+                             "the mixed set goes to emoji-faces-animals-full/")
     args = parser.parse_args()
     out = Path(args.out)
     for name, (package, style) in PACKAGES.items():
@@ -131,7 +136,7 @@ def main() -> None:
             continue
         tarball = fetch_tarball(package, Path(args.cache))
         targets: dict[Path, set[str] | None] = {out / name: None} if args.only in (None, name) else {}
-        mixed = out / "emoji-faces-animals"
+        mixed = out / ("emoji-faces-animals-full" if args.fluent_whole_domain else "emoji-faces-animals")
         if name == "noto":
             entries = emoji_entries(tarball)
             domain = domain_images(entries, style, FACES_ANIMALS)
@@ -143,7 +148,8 @@ def main() -> None:
             print(f"{count} images in {folder}")
         if mixed / "noto" in targets:
             fluent = fetch_tarball(FLUENT_PACKAGE, Path(args.cache), FLUENT_VERSION)
-            count = extract_fluent(fluent, entries, FLUENT_PART, mixed / "fluent")
+            part = FACES_ANIMALS if args.fluent_whole_domain else FLUENT_PART
+            count = extract_fluent(fluent, entries, part, mixed / "fluent")
             print(f"{count} Fluent Flat images in {mixed / 'fluent'}")
 
 
