@@ -131,12 +131,14 @@ def main() -> None:
                              "the mixed set goes to emoji-faces-animals-full/")
     args = parser.parse_args()
     out = Path(args.out)
+    # the mixed set: Noto's domain plus Fluent Flat's Animals & Nature, or Fluent's whole domain too
+    mixed, fluent_part = ((out / "emoji-faces-animals-full", FACES_ANIMALS) if args.fluent_whole_domain
+                          else (out / "emoji-faces-animals", FLUENT_PART))
     for name, (package, style) in PACKAGES.items():
         if args.only not in (None, name) and not (name == "noto" and args.only.endswith("faces-animals")):
             continue
         tarball = fetch_tarball(package, Path(args.cache))
         targets: dict[Path, set[str] | None] = {out / name: None} if args.only in (None, name) else {}
-        mixed = out / ("emoji-faces-animals-full" if args.fluent_whole_domain else "emoji-faces-animals")
         if name == "noto":
             entries = emoji_entries(tarball)
             domain = domain_images(entries, style, FACES_ANIMALS)
@@ -148,8 +150,7 @@ def main() -> None:
             print(f"{count} images in {folder}")
         if mixed / "noto" in targets:
             fluent = fetch_tarball(FLUENT_PACKAGE, Path(args.cache), FLUENT_VERSION)
-            part = FACES_ANIMALS if args.fluent_whole_domain else FLUENT_PART
-            count = extract_fluent(fluent, entries, part, mixed / "fluent")
+            count = extract_fluent(fluent, entries, fluent_part, mixed / "fluent")
             print(f"{count} Fluent Flat images in {mixed / 'fluent'}")
 
 
