@@ -47,6 +47,17 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    """An argparse type: a number from 0 up to (not including) 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < 1:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a fraction from 0 to below 1, got {text}")
+    return value
+
+
 def _model_option(text: str) -> tuple[str, object]:
     """KEY=VALUE for load_model; VALUE is read as JSON when it can be (32, 1e-4, true), else as text."""
     key, sep, value = text.partition("=")
@@ -154,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True,
                    help="random horizontal flips of the training images (default on; --no-hflip for data with a "
                         "handedness: digits, letters, text)")
+    t.add_argument("--random-zoom", type=_fraction, default=0.0, metavar="FRACTION",
+                   help="zoom half of each batch in or out by up to this fraction, e.g. 0.15 (default 0: off); "
+                        "for small data sets, which a model otherwise learns by heart")
+    t.add_argument("--random-shift", type=_fraction, default=0.0, metavar="FRACTION",
+                   help="shift half of each batch by up to this fraction of the image size, e.g. 0.08 (default 0)")
     t.add_argument("--seed", type=int, default=0)
 
     e = sub.add_parser("eval", help="measure diversity, fidelity, realism and near-copies per N (paper Table 2)")

@@ -313,7 +313,7 @@ def cmd_train(args) -> int:
                       cooldown_steps=args.cooldown_steps or 0, cooldown_minutes=args.cooldown_minutes or 0.0,
                       save_every_minutes=args.save_every_minutes, sample_every=args.sample_every, device=args.device,
                       cpu_bf16=args.cpu_bf16, loss_weighting=args.loss_weighting, hflip=args.hflip,
-                      seed=args.seed)
+                      random_zoom=args.random_zoom, random_shift=args.random_shift, seed=args.seed)
     writable_folder(args.out)
     train(cfg)  # says what it wrote, or that there was nothing to do
     return 0

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .augment import random_flips, random_zoom_shift
 from .device import cpu_has_native_bf16, resolve_device
 from .export import STATE_FILE, config_differences, export_config, export_model, foreign_model
 from .grid import image_grid
@@ -67,14 +68,9 @@ class TrainConfig:
     cpu_bf16: bool | None = None  # None: on where the CPU has native bf16 (emulated bf16 is 10x+ slower)
     loss_weighting: str = "p2"  # one of LOSS_WEIGHTINGS
     hflip: bool = True  # random horizontal flips; off for data with a handedness (digits, text)
+    random_zoom: float = 0.0  # zoom half of each batch by up to this fraction (augment.random_zoom_shift)
+    random_shift: float = 0.0  # ... and shift it by up to this fraction of the image size
     extra: dict = field(default_factory=dict)
-
-
-def random_flips(x0: torch.Tensor, gen: torch.Generator, enabled: bool = True) -> torch.Tensor:
-    """Mirror each image of the batch with probability 1/2 when enabled. The coin is tossed either way,
-    so switching flips off leaves every later random draw of a run unchanged."""
-    flip = (torch.rand(x0.shape[0], generator=gen) < 0.5) & enabled
-    return torch.where(flip[:, None, None, None], x0.flip(-1), x0)
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -318,6 +314,11 @@ def _train(cfg: TrainConfig, out: Path, unet_cfg: UNetConfig, diffusion: Diffusi
         log(f"loss weighting {cfg.loss_weighting}")
     if not cfg.hflip:
         log("random horizontal flips off")
+    augment = {key: value for key, value in (("random_zoom", cfg.random_zoom), ("random_shift", cfg.random_shift))
+               if value}
+    if augment:
+        log(f"half of each batch zoomed by up to {cfg.random_zoom:g} and shifted by up to {cfg.random_shift:g} "
+            "of the image size")
     cooldown = {key: value for key, value in (("cooldown_steps", cfg.cooldown_steps),
                                               ("cooldown_minutes", cfg.cooldown_minutes)) if value}
     if cooldown:
@@ -339,7 +340,7 @@ def _train(cfg: TrainConfig, out: Path, unet_cfg: UNetConfig, diffusion: Diffusi
         export_model(ema, diffusion, out, {"steps": step, "batch_size": cfg.batch_size, "images": len(data),
                                            "loss_weighting": cfg.loss_weighting, "hflip": cfg.hflip,
                                            "minutes": round((elapsed_before + time.time() - start) / 60, 1),
-                                           "device": str(device), **cooldown})
+                                           "device": str(device), **cooldown, **augment})
         saved_step = step
 
     start = last_save = time.time()
@@ -351,7 +352,8 @@ def _train(cfg: TrainConfig, out: Path, unet_cfg: UNetConfig, diffusion: Diffusi
         while step < cfg.max_steps:
             idx = torch.randint(len(data), (cfg.batch_size,), generator=gen)
             x0 = data[idx].float() / 127.5 - 1.0
-            x0 = random_flips(x0, gen, cfg.hflip).to(device)
+            x0 = random_flips(x0, gen, cfg.hflip)
+            x0 = random_zoom_shift(x0, gen, cfg.random_zoom, cfg.random_shift).to(device)
             t = torch.randint(schedule.num_steps, (cfg.batch_size,), generator=gen).to(device)
             noise = torch.randn(x0.shape, generator=gen).to(device)
             a = abar[t][:, None, None, None]

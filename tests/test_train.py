@@ -321,18 +321,6 @@ def test_train_logs_its_weighting_and_bf16_choice(tmp_path, capsys, monkeypatch)
     assert json.loads((out / "config.json").read_text())["training"]["loss_weighting"] == "min-snr"
 
 
-def test_flips_can_be_switched_off_without_changing_later_draws():
-    from ilvr.train import random_flips
-
-    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4).repeat(8, 1, 1, 1)
-    on, off = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
-    flipped = random_flips(x, on, True)
-    mirrored = (flipped == x.flip(-1)).flatten(1).all(1)
-    assert mirrored.any() and not mirrored.all()  # about half of the batch
-    assert torch.equal(random_flips(x, off, False), x)
-    assert torch.equal(torch.rand(3, generator=on), torch.rand(3, generator=off))  # the same stream afterwards
-
-
 def test_learning_rate_warms_up_holds_and_cools_down_to_zero_at_the_end():
     from ilvr.train import TrainConfig, learning_rate
     cfg = TrainConfig(data="d", out="o", lr=1e-3, warmup_steps=10, max_steps=1000)
