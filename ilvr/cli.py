@@ -166,8 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random horizontal flips of the training images (default on; --no-hflip for data with a "
                         "handedness: digits, letters, text)")
     t.add_argument("--random-zoom", type=_fraction, default=0.0, metavar="FRACTION",
-                   help="zoom half of each batch in or out by up to this fraction, e.g. 0.15 (default 0: off); "
-                        "for small data sets, which a model otherwise learns by heart")
+                   help="zoom half of each batch in or out by up to this fraction, e.g. 0.15 (default 0: off), "
+                        "against a small data set being learnt by heart; measure it on your data")
     t.add_argument("--random-shift", type=_fraction, default=0.0, metavar="FRACTION",
                    help="shift half of each batch by up to this fraction of the image size, e.g. 0.08 (default 0)")
     t.add_argument("--seed", type=int, default=0)
