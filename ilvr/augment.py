@@ -2,8 +2,9 @@
 
 A small data set (hundreds of images) trained for hundreds of passes is learnt by heart: every training
 image becomes an attractor, and a reference that lies between them (a painting, under ILVR) is pulled to
-none of them and comes out as mush. Zooming and shifting each image a little fills the space between
-its copies, at the price that samples may also come out a little zoomed or shifted.
+none of them and comes out as mush. Zooming and shifting each image a little is meant to fill the
+space between its copies (the bundled model's card has what it did there), at the price that samples
+may also come out a little zoomed or shifted.
 """
 from __future__ import annotations
 
@@ -34,12 +35,15 @@ def random_zoom_shift(x0: torch.Tensor, gen: torch.Generator, zoom: float = 0.0,
     chosen = torch.rand(n, generator=gen) < AUGMENT_SHARE
     log_scale = (torch.rand(n, generator=gen) * 2 - 1) * torch.log1p(torch.tensor(zoom))
     offset = (torch.rand(n, 2, generator=gen) * 2 - 1) * shift * 2  # grid coordinates span 2 per image side
-    scale = torch.where(chosen, torch.exp(-log_scale), torch.ones(n))  # the grid shrinks as the image grows
-    offset = offset * chosen[:, None]
     theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0] = theta[:, 1, 1] = scale
+    theta[:, 0, 0] = theta[:, 1, 1] = torch.exp(-log_scale)  # the grid shrinks as the image grows
     theta[:, :, 2] = offset
-    grid = F.affine_grid(theta.to(x0.dtype), list(x0.shape), align_corners=False)
-    moved = F.grid_sample(x0, grid.to(x0.device), mode="bicubic", padding_mode="border",
-                          align_corners=False).clamp(-1, 1)
-    return torch.where(chosen[:, None, None, None].to(x0.device), moved, x0)
+    theta = theta[chosen]  # only the chosen images are resampled
+    if not len(theta):
+        return x0
+    picked = chosen.to(x0.device)
+    grid = F.affine_grid(theta.to(x0.dtype), [len(theta), *x0.shape[1:]], align_corners=False)
+    out = x0.clone()
+    out[picked] = F.grid_sample(x0[picked], grid.to(x0.device), mode="bicubic", padding_mode="border",
+                                align_corners=False).clamp(-1, 1)
+    return out
