@@ -36,12 +36,16 @@ _positive_int = _int_at_least(1)
 _non_negative_int = _int_at_least(0)
 
 
-def _positive_float(text: str) -> float:
-    """An argparse type: a finite number above 0."""
+def _number(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _positive_float(text: str) -> float:
+    """An argparse type: a finite number above 0."""
+    value = _number(text)
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"expected a number above 0, got {text}")
     return value
@@ -49,10 +53,7 @@ def _positive_float(text: str) -> float:
 
 def _fraction(text: str) -> float:
     """An argparse type: a number from 0 up to (not including) 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    value = _number(text)
     if not 0 <= value < 1:  # also refuses nan
         raise argparse.ArgumentTypeError(f"expected a fraction from 0 to below 1, got {text}")
     return value
